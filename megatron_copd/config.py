@@ -1,0 +1,421 @@
+"""The run configuration: one tree of dataclasses, loaded from YAML plus ``key=value`` overrides.
+
+Sections: model (+vision), parallel, precision, branches, schedule, grpo, opd, optim, data,
+checkpoint, logging, eval. Everything is validated in :func:`load_config` before any process
+group exists; errors are one line naming the key.
+
+Why not subclass megatron's TransformerConfig directly: it carries hundreds of fields, its
+``__post_init__`` needs the parallel sizes and device facts, and users edit a dozen of them. The
+mapping from these sections to TransformerConfig is one function (``models.factory``), and
+``model.extra`` passes any further TransformerConfig field through unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from megatron_copd.config_base import (
+    ConfigError,
+    apply_override,
+    from_dict,
+    load_yaml,
+    parse_override,
+    to_dict,
+)
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "to_dict"]
+
+
+@dataclass
+class VisionConfig:
+    """CLIP-style ViT encoder + MLP projector (LLaVA layout). Video = a sequence of frames."""
+
+    image_size: int = 32
+    """Square input resolution in pixels; images are resized to this."""
+    patch_size: int = 8
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    ffn_hidden_size: int = 128
+    class_token: bool = False
+    """Prepend a class token (CLIP) — adds one embedding per image."""
+    max_frames: int = 4
+    """Frames sampled from a video; each frame is encoded like an image."""
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + (1 if self.class_token else 0)
+
+
+@dataclass
+class ModelConfig:
+    """A Qwen3/Llama-shaped decoder (RoPE, RMSNorm, SwiGLU, GQA), optionally with vision."""
+
+    family: Literal["qwen3", "llama"] = "qwen3"
+    vocab_size: int = 512
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    kv_channels: int | None = None
+    """Head dimension; default hidden_size / num_attention_heads."""
+    ffn_hidden_size: int = 512
+    qk_layernorm: bool | None = None
+    """RMSNorm on queries and keys; default true for qwen3, false for llama."""
+    tie_embeddings: bool = True
+    rotary_base: float = 1000000.0
+    norm_epsilon: float = 1e-6
+    max_sequence_length: int = 512
+    init_std: float = 0.02
+    vision: VisionConfig | None = None
+    """Set to a mapping to build the VLM; null for a text-only LM."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further megatron TransformerConfig fields, passed through unchanged."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def use_qk_norm(self) -> bool:
+        return self.family == "qwen3" if self.qk_layernorm is None else self.qk_layernorm
+
+
+@dataclass
+class ParallelConfig:
+    """Per-branch parallelism. DP is derived: world = branches x TP x CP x DP x PP."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    dp: int | None = None
+    """Data-parallel size per branch; null derives it from the world size."""
+    sequence_parallel: bool = False
+    distributed_optimizer: bool | None = None
+    """Shard optimizer state over DP; default on with CUDA, off on CPU."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation (megatron's recompute_granularity)."""
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    """Training dtype; default bf16 with CUDA, fp32 on CPU."""
+    fp8: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] | None = None
+    """FP8 recipe for training GEMMs (Transformer Engine, Hopper+); null disables FP8."""
+    fp8_rollout: bool = False
+    """Also run rollout / teacher scoring forwards in FP8 (default: BF16)."""
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """auto = Transformer Engine when CUDA and TE are present, local megatron layers otherwise."""
+
+
+@dataclass
+class BranchConfig:
+    name: str
+    domains: list[str] = field(default_factory=list)
+    """Data domains this branch trains on (its own D_k); default [name]."""
+    train_data: list[str] = field(default_factory=list)
+    """JSONL/Parquet prompt files; empty = the toy world's generated data for `domains`."""
+    eval_data: list[str] = field(default_factory=list)
+    beta: float = 1.0
+    """OPD advantage scale for this branch as a student (A_t = beta * (log pi_T - log pi_S))."""
+
+
+@dataclass
+class EdgeConfig:
+    """Directed distillation edge: `student` rolls out on `teacher`'s prompts, `teacher` scores."""
+
+    student: str
+    teacher: str
+
+
+@dataclass
+class ScheduleConfig:
+    recipe: Literal["copd", "grpo", "mixed_rlvr", "static_opd", "mopd"] = "copd"
+    cycles: int = 2
+    s_rl: int = 3
+    """Phase-I GRPO steps per cycle."""
+    s_opd: int = 2
+    """Phase-II (GRPO + mutual OPD) steps per cycle."""
+    topology: Literal["pair", "hub", "all", "custom"] = "pair"
+    """pair: 2 branches both ways; hub: `hub` <-> every other; all: every ordered pair."""
+    hub: str | None = None
+    edges: list[EdgeConfig] = field(default_factory=list)
+    """Explicit directed edges (topology=custom), or removals via `drop_edges`."""
+    drop_edges: list[EdgeConfig] = field(default_factory=list)
+    """Edges removed from the topology (the paper's one-direction ablations)."""
+    adaptive: bool = False
+    """Start phase II when an edge's overlap falls below `overlap_floor`; return above ceiling."""
+    overlap_floor: float = 0.85
+    overlap_ceiling: float = 0.95
+    probe_overlap_phase1: bool = False
+    """Also measure edge overlap during phase I (costs a peer scoring pass)."""
+
+
+@dataclass
+class GRPOConfig:
+    prompts_per_step: int = 8
+    group_size: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 24
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    kl_coef: float = 0.0
+    """KL-to-reference coefficient (paper: 0)."""
+    filter_zero_variance: bool = False
+    """Drop groups whose rewards are all equal (they carry no GRPO signal)."""
+    adv_eps: float = 1e-6
+    micro_batch_size: int = 16
+    """Sequences per forward/backward micro-batch."""
+    rollout_batch_size: int = 64
+    """Sequences generated together (KV-cache batch)."""
+
+
+@dataclass
+class OPDConfig:
+    prompts_per_step: int = 8
+    """Peer prompts per phase-II step and edge (each sampled once by the student)."""
+    samples_per_prompt: int = 1
+    share_clip: bool = True
+    """OPD tokens use the same clipped surrogate as GRPO tokens."""
+    topk: int = 10
+    """k of the top-k token overlap."""
+    orm_alpha: float = 0.0
+    """MOPD: weight of the outcome-reward advantage added to the distillation advantage."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    world: Literal["toy", "files"] = "toy"
+    """toy = the embedded CPU toy world (generated, cached); files = branches' data paths."""
+    tokenizer: str | None = None
+    """Tokenizer directory (megatron.core.tokenizers metadata); null = the toy tokenizer."""
+    cache_dir: str | None = None
+    """Where the toy world, tokenizer and base model are cached (default ~/.cache/megatron-copd)."""
+    eval_size: int = 500
+    """Held-out items per domain in the toy world."""
+    train_size: int = 4000
+    max_prompt_tokens: int = 160
+
+
+@dataclass
+class CheckpointConfig:
+    load: str | None = None
+    """Base model checkpoint (torch_dist) every branch starts from; null = toy base."""
+    interval: int = 0
+    """Save every N steps per branch (0: only at the end / on preemption)."""
+    keep_last: int = 2
+    keep_every: int = 0
+    async_save: bool = False
+    grace_seconds: float = 120.0
+    """After SIGTERM/SIGUSR1: finish the step, save, exit; budget for that."""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    log_interval: int = 1
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    max_items: int = 500
+    """Held-out items per domain evaluated (greedy decoding)."""
+    at_end: bool = True
+    batch_size: int = 125
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/copd"
+    seed: int = 1234
+    world_size: int | None = None
+    """Processes to start when run plainly; default branches x TP x PP x CP x (DP or 1)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    branches: list[BranchConfig] = field(default_factory=list)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    opd: OPDConfig = field(default_factory=OPDConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def branch_names(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self.branches)
+
+    def branch(self, name: str) -> BranchConfig:
+        for b in self.branches:
+            if b.name == name:
+                return b
+        raise ConfigError(f"unknown branch {name!r}; branches are {list(self.branch_names)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: everything that can be known before launching.
+
+
+def _check_positive(cfg: Any, prefix: str, names: list[str]) -> None:
+    for n in names:
+        v = getattr(cfg, n)
+        if v is not None and v < 1:
+            raise ConfigError(f"{prefix}.{n}: expected an integer >= 1, got {v}")
+
+
+def validate(cfg: RunConfig, world_size: int | None = None) -> RunConfig:
+    """Check cross-field constraints; fill derived defaults (branch domains, DP, world size)."""
+    m = cfg.model
+    _check_positive(
+        m,
+        "model",
+        ["vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups"],
+    )
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError(
+            f"model.num_query_groups: {m.num_query_groups} must divide "
+            f"model.num_attention_heads ({m.num_attention_heads})"
+        )
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.num_attention_heads: {m.num_attention_heads} must divide "
+            f"model.hidden_size ({m.hidden_size}) or set model.kv_channels"
+        )
+    p = cfg.parallel
+    _check_positive(p, "parallel", ["tp", "pp", "cp", "dp"])
+    if m.num_attention_heads % p.tp:
+        raise ConfigError(
+            f"parallel.tp: {p.tp} must divide model.num_attention_heads ({m.num_attention_heads})"
+        )
+    if m.num_query_groups % p.tp:
+        raise ConfigError(
+            f"parallel.tp: {p.tp} must divide model.num_query_groups ({m.num_query_groups})"
+        )
+    if m.ffn_hidden_size % p.tp:
+        raise ConfigError(
+            f"parallel.tp: {p.tp} must divide model.ffn_hidden_size ({m.ffn_hidden_size})"
+        )
+    if m.num_layers % p.pp:
+        raise ConfigError(f"parallel.pp: {p.pp} must divide model.num_layers ({m.num_layers})")
+    if m.vision is not None:
+        v = m.vision
+        if v.image_size % v.patch_size:
+            raise ConfigError(
+                f"model.vision.patch_size: {v.patch_size} must divide "
+                f"model.vision.image_size ({v.image_size})"
+            )
+        if v.num_attention_heads % p.tp or v.hidden_size % v.num_attention_heads:
+            raise ConfigError(
+                f"model.vision.num_attention_heads: {v.num_attention_heads} must divide "
+                f"model.vision.hidden_size ({v.hidden_size}) and be divisible by parallel.tp"
+            )
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel: needs parallel.tp > 1")
+    if cfg.precision.fp8 is not None:
+        _check_fp8_available()
+
+    if not cfg.branches:
+        raise ConfigError("branches: at least one branch is required")
+    names = [b.name for b in cfg.branches]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"branches: names must be unique, got {names}")
+    for i, b in enumerate(cfg.branches):
+        if not b.name or not b.name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"branches.{i}.name: expected letters, digits, '-' or '_'")
+        if not b.domains:
+            b.domains = [b.name]
+
+    g = cfg.grpo
+    _check_positive(g, "grpo", ["prompts_per_step", "group_size", "max_new_tokens"])
+    if not (0 <= g.eps_low < 1) or g.eps_high < 0:
+        raise ConfigError(f"grpo.eps_low/eps_high: expected 0 <= eps_low < 1 and eps_high >= 0")
+    if g.temperature <= 0:
+        raise ConfigError(f"grpo.temperature: expected > 0, got {g.temperature}")
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"grpo.top_p: expected in (0, 1], got {g.top_p}")
+
+    s = cfg.schedule
+    if s.cycles < 0 or s.s_rl < 0 or s.s_opd < 0:
+        raise ConfigError("schedule.cycles/s_rl/s_opd: expected integers >= 0")
+    if s.adaptive and not 0 <= s.overlap_floor < s.overlap_ceiling <= 1:
+        raise ConfigError(
+            "schedule.overlap_floor/overlap_ceiling: expected 0 <= floor < ceiling <= 1"
+        )
+
+    per_dp = len(cfg.branches) * p.tp * p.pp * p.cp
+    world = world_size or cfg.world_size
+    if world is None:
+        world = per_dp * (p.dp or 1)
+    if world % per_dp:
+        raise ConfigError(
+            f"world_size: {world} is not divisible by branches x TP x PP x CP = "
+            f"{len(cfg.branches)} x {p.tp} x {p.pp} x {p.cp} = {per_dp}"
+        )
+    if p.dp is not None and p.dp != world // per_dp:
+        raise ConfigError(
+            f"parallel.dp: {p.dp} does not match world size {world} / (branches x TP x PP x CP "
+            f"= {per_dp}) = {world // per_dp}"
+        )
+    p.dp = world // per_dp
+    cfg.world_size = world
+    return cfg
+
+
+def _check_fp8_available() -> None:
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("precision.fp8: FP8 needs a CUDA GPU (Hopper or newer); none found")
+    if importlib.util.find_spec("transformer_engine") is None:
+        raise ConfigError(
+            "precision.fp8: FP8 needs Transformer Engine; install the 'gpu' extra "
+            "(pip install 'megatron-copd[gpu]')"
+        )
+
+
+def default_config_path() -> Path:
+    """The embedded default: 2-branch (text + image) CoPD on the CPU toy world."""
+    return Path(__file__).parent / "configs" / "toy_copd.yaml"
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    world_size: int | None = None,
+) -> RunConfig:
+    """YAML file (default: the embedded toy CoPD config) + overrides -> validated RunConfig."""
+    data = load_yaml(path or default_config_path())
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(data, keys, value, RunConfig)
+    cfg = from_dict(RunConfig, data)
+    return validate(cfg, world_size=world_size)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    return dataclasses.replace(cfg, **changes)

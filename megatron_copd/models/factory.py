@@ -1,0 +1,195 @@
+"""The one model factory: RunConfig + this rank's process groups -> a CopdModel stage.
+
+Text LM and VLM are the same class (the VLM simply has a vision tower). Layer implementations
+come from ``specs`` (Transformer Engine on GPU, local layers on CPU); precision and FP8 settings
+from ``precision``; all megatron groups from the branch's ProcessGroupCollection, never from
+megatron's global parallel_state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.vision.clip_vit_model import CLIPViTModel
+from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_copd.config import ModelConfig, ParallelConfig, PrecisionConfig, RunConfig
+from megatron_copd.models import specs
+from megatron_copd.models.vlm import CopdModel
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(precision: PrecisionConfig) -> torch.dtype:
+    name = precision.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
+    return _DTYPES[name]
+
+
+def _common_kwargs(parallel: ParallelConfig, precision: PrecisionConfig, te: bool) -> dict:
+    dtype = resolve_dtype(precision)
+    on_cpu = not torch.cuda.is_available()
+    kw = dict(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        context_parallel_size=parallel.cp,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # CPU: build weights on the host with the full master weight split per TP rank, so the
+        # same seed gives the same weights at every TP size; no CUDA fusions.
+        use_cpu_initialization=on_cpu,
+        bias_activation_fusion=not on_cpu,
+        masked_softmax_fusion=not on_cpu,
+        persist_layer_norm=not on_cpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        deallocate_pipeline_outputs=not on_cpu,
+    )
+    if precision.fp8 is not None:
+        if not te:
+            raise ValueError("precision.fp8 needs Transformer Engine layers")
+        kw.update(fp8="hybrid" if precision.fp8 == "delayed" else "e4m3", fp8_recipe=precision.fp8)
+    if parallel.recompute != "none":
+        kw.update(recompute_granularity=parallel.recompute)
+        if parallel.recompute == "full":
+            kw.update(recompute_method="uniform", recompute_num_layers=1)
+    return kw
+
+
+def lm_transformer_config(cfg: RunConfig, te: bool | None = None) -> TransformerConfig:
+    """Map the model/parallel/precision sections onto megatron's TransformerConfig."""
+    m: ModelConfig = cfg.model
+    te = specs.use_transformer_engine(cfg.precision) if te is None else te
+    kw = _common_kwargs(cfg.parallel, cfg.precision, te)
+    kw.update(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.head_dim,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        qk_layernorm=m.use_qk_norm,
+        init_method_std=m.init_std,
+    )
+    kw.update(m.extra)
+    return TransformerConfig(**kw)
+
+
+def vision_transformer_config(cfg: RunConfig, te: bool) -> TransformerConfig:
+    v = cfg.model.vision
+    kw = _common_kwargs(cfg.parallel, cfg.precision, te)
+    # The vision tower is not pipelined: it lives whole on the first stage.
+    kw.update(
+        pipeline_model_parallel_size=1,
+        num_layers=v.num_layers,
+        hidden_size=v.hidden_size,
+        num_attention_heads=v.num_attention_heads,
+        ffn_hidden_size=v.ffn_hidden_size,
+        kv_channels=v.hidden_size // v.num_attention_heads,
+        normalization="LayerNorm",
+        layernorm_epsilon=1e-5,
+        gated_linear_unit=False,
+        activation_func=F.gelu,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        init_method_std=cfg.model.init_std,
+        sequence_parallel=False,
+    )
+    kw.pop("fp8", None)  # vision GEMMs are small: keep them in BF16
+    kw.pop("fp8_recipe", None)
+    return TransformerConfig(**kw)
+
+
+def projector_transformer_config(cfg: RunConfig, te: bool) -> TransformerConfig:
+    kw = _common_kwargs(cfg.parallel, cfg.precision, te)
+    kw.update(
+        num_layers=1,
+        hidden_size=cfg.model.hidden_size,
+        num_attention_heads=cfg.parallel.tp,  # unused by the projector; must divide by TP
+        ffn_hidden_size=cfg.model.hidden_size,
+        gated_linear_unit=False,
+        activation_func=F.gelu,
+        add_bias_linear=True,
+        init_method_std=cfg.model.init_std,
+        sequence_parallel=False,
+    )
+    kw.pop("fp8", None)
+    kw.pop("fp8_recipe", None)
+    return TransformerConfig(**kw)
+
+
+def build_model(
+    cfg: RunConfig,
+    pgs: ProcessGroupCollection,
+    image_token_id: int | None = None,
+    pp_rank: int | None = None,
+) -> CopdModel:
+    """Build this rank's pipeline stage of the branch model (weights initialised from the RNG;
+    load a checkpoint to get real weights)."""
+    te = specs.use_transformer_engine(cfg.precision)
+    pp_rank = pgs.pp.rank() if pp_rank is None else pp_rank
+    pp_size = pgs.pp.size()
+    pre, post = pp_rank == 0, pp_rank == pp_size - 1
+    m = cfg.model
+    lm_config = lm_transformer_config(cfg, te)
+    language_model = GPTModel(
+        config=lm_config,
+        transformer_layer_spec=specs.lm_layer_spec(m.use_qk_norm, te),
+        vocab_size=m.vocab_size,
+        max_sequence_length=m.max_sequence_length,
+        pre_process=pre,
+        post_process=post,
+        parallel_output=True,
+        share_embeddings_and_output_weights=m.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(m.rotary_base),
+        scatter_embedding_sequence_parallel=False,
+        pg_collection=pgs,
+    )
+    vision_model = projection = None
+    if m.vision is not None and pre:
+        if image_token_id is None:
+            raise ValueError("a vision model needs the tokenizer's image token id")
+        v = m.vision
+        vcfg = vision_transformer_config(cfg, te)
+        vision_model = CLIPViTModel(
+            vcfg,
+            specs.vit_layer_spec(te),
+            ln_pre_impl=specs.norm_impl(te),
+            ln_post_impl=specs.norm_impl(te),
+            add_class_token=v.class_token,
+            class_token_len=1,
+            patch_dim=v.patch_size,
+            img_h=v.image_size,
+            img_w=v.image_size,
+            model_subtype="clip",
+            pg_collection=pgs,
+        )
+        projection = MultimodalProjector(
+            projector_transformer_config(cfg, te),
+            specs.projector_submodules(te),
+            projector_type="mlp",
+            input_size=v.hidden_size,
+            pg_collection=pgs,
+        )
+    return CopdModel(
+        config=lm_config,
+        language_model=language_model,
+        vision_model=vision_model,
+        vision_projection=projection,
+        image_token_id=image_token_id,
+        pg_collection=pgs,
+    )

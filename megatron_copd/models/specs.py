@@ -1,0 +1,74 @@
+"""Layer specs: Transformer Engine layers on CUDA machines with TE, megatron's local layers
+otherwise (always on CPU, also when TE happens to be installed)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_copd.config import ConfigError, PrecisionConfig
+
+
+def te_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def use_transformer_engine(precision: PrecisionConfig) -> bool:
+    """Resolve precision.transformer_impl ('auto' | 'local' | 'transformer_engine')."""
+    impl = precision.transformer_impl
+    if impl == "local":
+        if precision.fp8 is not None:
+            raise ConfigError("precision.fp8: FP8 needs precision.transformer_impl != 'local'")
+        return False
+    if impl == "transformer_engine":
+        if not te_available():
+            raise ConfigError(
+                "precision.transformer_impl: 'transformer_engine' needs CUDA and Transformer "
+                "Engine (pip install 'megatron-copd[gpu]')"
+            )
+        return True
+    return te_available()
+
+
+def lm_layer_spec(qk_layernorm: bool, te: bool) -> ModuleSpec:
+    """Decoder layer of the Qwen3/Llama family: RMSNorm, SwiGLU, GQA, optional QK-norm."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if te:
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    return specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+
+
+def vit_layer_spec(te: bool) -> ModuleSpec:
+    from megatron.core.models.vision import vit_layer_specs as specs
+
+    if te:
+        return specs.get_vit_layer_with_transformer_engine_spec()
+    return specs.get_vit_layer_with_local_spec()
+
+
+def projector_submodules(te: bool):
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLPSubmodules
+
+    if te:
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TERowParallelLinear,
+        )
+
+        return MLPSubmodules(linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear)
+    return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+
+
+def norm_impl(te: bool):
+    """LayerNorm module for the ViT's ln_pre (CLIPViTModel's default is not CPU-safe)."""
+    if te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    return WrappedTorchNorm
