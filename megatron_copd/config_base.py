@@ -16,8 +16,10 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from megatron_copd.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config value, key, file or combination that cannot be used (message: one line)."""
 
 

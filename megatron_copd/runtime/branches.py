@@ -21,11 +21,13 @@ import torch.distributed as dist
 from megatron.core.hyper_comm_grid import HyperCommGrid
 from megatron.core.process_groups_config import ProcessGroupCollection
 
+from megatron_copd.errors import UserError
+
 # Grid dimension names, fastest-varying first (megatron's `order` convention).
 GRID_DIMS = ("tp", "cp", "dp", "pp", "branch")
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """A branch layout that cannot be realised (sizes, world size, names)."""
 
 
