@@ -14,6 +14,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_copd.config import ModelConfig, ParallelConfig, PrecisionConfig, RunConfig
@@ -185,7 +186,7 @@ def build_model(
             input_size=v.hidden_size,
             pg_collection=pgs,
         )
-    return CopdModel(
+    model = CopdModel(
         config=lm_config,
         language_model=language_model,
         vision_model=vision_model,
@@ -193,3 +194,9 @@ def build_model(
         image_token_id=image_token_id,
         pg_collection=pgs,
     )
+    # Some megatron modules (CLIPViTModel) keep no `tp_group`; their sharded_state_dict then
+    # falls back to the global parallel_state, which this project never initialises.
+    for module in model.modules():
+        if isinstance(module, MegatronModule) and getattr(module, "tp_group", None) is None:
+            module.tp_group = pgs.tp
+    return model

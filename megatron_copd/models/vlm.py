@@ -42,6 +42,7 @@ class CopdModel(MegatronModule):
         self.vision_projection = vision_projection
         self.image_token_id = image_token_id
         self.pg_collection = pg_collection
+        self.tp_group = pg_collection.tp  # MegatronModule.sharded_state_dict reads it
         self.pre_process = language_model.pre_process
         self.post_process = language_model.post_process
         self.share_embeddings_and_output_weights = (
