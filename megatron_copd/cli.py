@@ -1,4 +1,4 @@
-"""`copd` command line: train | eval | compare | check.
+"""`copd` command line: train | eval | compare | check | selftest.
 
 Errors that users can fix (config, data, checkpoint, layout) end with one line on stderr naming
 the file / key / field and a non-zero exit status, never a traceback.
@@ -7,6 +7,7 @@ the file / key / field and a non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megatron_copd.errors import UserError
@@ -46,6 +47,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return check_command(args)
 
 
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    from megatron_copd.selftest import selftest_command
+
+    return selftest_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="copd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=False)
@@ -69,6 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser(
+        "selftest", help="check process groups, peer links and a model forward on the job's ranks"
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--hold",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="after the checks, stay up this long answering SIGTERM/SIGUSR1 like training "
+        "(all ranks exit with the requeue code when signalled)",
+    )
+    p.add_argument("--p2p-mb", type=float, default=4.0, help="MB sent to each peer (default 4)")
+    p.add_argument("--timeout", type=int, default=300, help="collective timeout, s (default 300)")
+    p.add_argument("--no-model", action="store_true", help="skip the model build and forward")
+    p.set_defaults(func=_cmd_selftest)
     return parser
 
 
@@ -77,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         args = parser.parse_args(["train", *(argv or [])])
+    config = getattr(args, "config", None)
+    if config and "=" in config and not os.path.exists(config):
+        # `copd train key=value`: no config file given, the first word is an override.
+        args.overrides.insert(0, config)
+        args.config = None
     try:
         return int(args.func(args) or 0)
     except UserError as e:
