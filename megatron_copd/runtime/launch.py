@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -107,9 +108,7 @@ def run_workers(
     poll_s: float = 0.05,
 ) -> int:
     """Run ``cmd`` as ``world_size`` ranks; forward signals; return the combined exit code."""
-    from megatron_copd.runtime.distributed import free_port
-
-    port = master_port or free_port()
+    port = master_port or _free_port()
     state = _State()
 
     def forward(signum: int, frame) -> None:
@@ -192,6 +191,13 @@ def _signal_all(workers: list[_Worker], signum: int) -> None:
                 w.proc.send_signal(signum)
             except ProcessLookupError:
                 pass
+
+
+def _free_port() -> int:
+    # Same as distributed.free_port, without importing torch into the supervising process.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def die_with_launcher() -> None:
