@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU (default 80)")
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser(

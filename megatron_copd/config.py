@@ -286,8 +286,13 @@ def _check_positive(cfg: Any, prefix: str, names: list[str]) -> None:
             raise ConfigError(f"{prefix}.{n}: expected an integer >= 1, got {v}")
 
 
-def validate(cfg: RunConfig, world_size: int | None = None) -> RunConfig:
-    """Check cross-field constraints; fill derived defaults (branch domains, DP, world size)."""
+def validate(
+    cfg: RunConfig, world_size: int | None = None, check_device: bool = True
+) -> RunConfig:
+    """Check cross-field constraints; fill derived defaults (branch domains, DP, world size).
+
+    ``check_device=False`` skips the checks of this machine's GPU/TE (``copd check`` on a login
+    node validates a GPU job's config)."""
     m = cfg.model
     _check_positive(
         m,
@@ -334,7 +339,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> RunConfig:
             )
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel: needs parallel.tp > 1")
-    if cfg.precision.fp8 is not None:
+    if cfg.precision.fp8 is not None and check_device:
         _check_fp8_available()
 
     if not cfg.branches:
@@ -407,6 +412,7 @@ def load_config(
     path: str | os.PathLike | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     world_size: int | None = None,
+    check_device: bool = True,
 ) -> RunConfig:
     """YAML file (default: the embedded toy CoPD config) + overrides -> validated RunConfig."""
     data = load_yaml(path or default_config_path())
@@ -414,7 +420,7 @@ def load_config(
         keys, value = parse_override(text)
         apply_override(data, keys, value, RunConfig)
     cfg = from_dict(RunConfig, data)
-    return validate(cfg, world_size=world_size)
+    return validate(cfg, world_size=world_size, check_device=check_device)
 
 
 def replace(cfg: Any, **changes: Any) -> Any:
