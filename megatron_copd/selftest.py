@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_copd.config import RunConfig, load_config
+from megatron_copd.model_size import human
 from megatron_copd.runtime.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE
 from megatron_copd.runtime.launch import relaunch_if_needed
 
@@ -200,6 +201,7 @@ def _model_forward(cfg: RunConfig, groups, res: dict) -> tuple[float | None, flo
     model = build_model(cfg, groups.pgs, image_token_id=image_token_id)
     model.eval()
     build_s = time.perf_counter() - t
+    res["params"] = sum(p.numel() for p in model.parameters())
 
     dev = _device()
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -302,7 +304,7 @@ def _report(s: dict) -> str:
         f"backend {s['ranks'][0]['backend']}, restart {s['restart_count']}",
         f"{'rank':>4} {'host':<12} {'branch':<10} {'tp':>2} {'cp':>2} {'dp':>3} {'pp':>2} "
         f"{'init_s':>7} {'groups_s':>8} {'ar_max_ms':>9} {'p2p_ms':>8} {'p2p_MB/s':>9} "
-        f"{'build_s':>7} {'fwd_s':>6}  device",
+        f"{'params':>9} {'build_s':>7} {'fwd_s':>6}  device",
     ]
     for r in s["ranks"]:
         c = r.get("coords", {})
@@ -312,6 +314,7 @@ def _report(s: dict) -> str:
             f"{c.get('tp', 0):>2} {c.get('cp', 0):>2} {c.get('dp', 0):>3} {c.get('pp', 0):>2} "
             f"{_fmt(r['init_s'], '7.2f')} {_fmt(r.get('groups_s'), '8.2f')} "
             f"{_fmt(ar, '9.2f')} {_fmt(r.get('p2p_ms'), '8.2f')} {_fmt(r.get('p2p_mbps'), '9.1f')} "
+            f"{human(r['params']) if r.get('params') else '-':>9} "
             f"{_fmt(r.get('build_s'), '7.2f')} {_fmt(r.get('forward_s'), '6.3f')}  {r['device']}"
         )
     notes = {r.get("notes") for r in s["ranks"] if r.get("notes")}
