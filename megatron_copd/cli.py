@@ -7,6 +7,7 @@ the file / key / field and a non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megatron_copd.errors import UserError
@@ -77,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         args = parser.parse_args(["train", *(argv or [])])
+    config = getattr(args, "config", None)
+    if config and "=" in config and not os.path.exists(config):
+        # `copd train key=value` without a config file: the embedded default + overrides.
+        args.overrides = [config, *args.overrides]
+        args.config = None
     try:
         return int(args.func(args) or 0)
     except UserError as e:
