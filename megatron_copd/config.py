@@ -141,6 +141,8 @@ class ScheduleConfig:
     """Phase-I GRPO steps per cycle."""
     s_opd: int = 2
     """Phase-II (GRPO + mutual OPD) steps per cycle."""
+    steps: int | None = None
+    """Total steps for the grpo / mixed_rlvr recipes; default cycles x (s_rl + s_opd)."""
     topology: Literal["pair", "hub", "all", "custom"] = "pair"
     """pair: 2 branches both ways; hub: `hub` <-> every other; all: every ordered pair."""
     hub: str | None = None
