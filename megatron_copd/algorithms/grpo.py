@@ -153,6 +153,8 @@ def sequence_mean_loss(token_loss: Tensor, mask: Tensor, num_sequences: int | fl
     With data parallelism whose gradient reduction AVERAGES over ranks (megatron DDP default),
     pass the per-rank share (global count / DP size) so the averaged gradient is the global one;
     with a summing reduction, pass the global count. Sequences without valid tokens add 0.
+    Note megatron's forward_step_calc_loss rescales a loss function's output (by 1 /
+    num_microbatches, and more); a caller going through it must compensate.
     """
     m = mask.to(token_loss.dtype)
     lengths = m.sum(dim=-1).clamp(min=1.0)
