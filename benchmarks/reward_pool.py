@@ -28,7 +28,8 @@ def make_items(n: int, seed: int = 0) -> dict[str, list[tuple[str, str, str]]]:
         elif style == 1:
             resp = f"{a} + {b} = {guess}\nAnswer: {guess:,}"
         else:
-            resp = f"Half of it is \\frac{{{2 * guess}}}{{4}}, so \\boxed{{\\frac{{{2 * guess}}}{{2}}}}"
+            frac = f"\\frac{{{2 * guess}}}{{2}}"
+            resp = f"Half of it is {guess / 2}, so \\boxed{{{frac}}}"
         math_items.append(("math", resp, str(gold)))
         letter = "ABCD"[rng.randrange(4)]
         cheap.append(("choice", f"Thinking... the answer is ({letter}).", "B"))
@@ -69,7 +70,8 @@ def main() -> None:
     t0 = time.perf_counter()
     for _, resp, ans in items["math"]:
         fn(resp, ans)
-    print(f"math in-process (1 core): {len(items['math']) / (time.perf_counter() - t0):9.0f} items/s")
+    r = len(items["math"]) / (time.perf_counter() - t0)
+    print(f"math in-process (1 core): {r:9.0f} items/s")
 
 
 if __name__ == "__main__":

@@ -302,7 +302,7 @@ def test_workers_exit_when_the_training_process_dies(tmp_path):
         "from megatron_copd.rewards import RewardPool\n"
         "pool = RewardPool(num_workers=2, timeout_s=60, plugin_modules=['_reward_plugins'])\n"
         "pool.wait_ready()\n"
-        "print(' '.join(str(w.proc.pid) for w in pool._workers), flush=True)\n"
+        "print(' '.join(map(str, pool.worker_pids)), flush=True)\n"
         "threading.Timer(0.5, lambda: os._exit(9)).start()\n"
         "pool.score([('test_sleep', '', '60'), ('math', '1', '1')])\n"
     )

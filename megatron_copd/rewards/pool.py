@@ -131,7 +131,10 @@ class _Worker:
 
 
 class RewardPool:
-    """Score (verifier, response, answer) items in worker processes with a time limit each."""
+    """Score (verifier, response, answer) items in worker processes with a time limit each.
+
+    One pool per training process; :meth:`score` is not re-entrant (call it from one thread).
+    """
 
     def __init__(
         self,
@@ -335,6 +338,11 @@ class RewardPool:
         for w in [w for w in self._workers if w.item is not None]:
             w.item = None
             self._retire(w, replace=True)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the current workers (they change when a worker is replaced)."""
+        return [w.proc.pid for w in self._workers]
 
     def wait_ready(self) -> None:
         """Block until every worker has started (start-up errors raise RewardPoolError)."""
