@@ -14,7 +14,11 @@ from __future__ import annotations
 import torch
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from megatron_copd.algorithms.grpo import clipped_surrogate, kl_to_reference
+from megatron_copd.algorithms.grpo import (
+    clipped_surrogate,
+    kl_to_reference,
+    sequence_mean_loss,
+)
 
 
 def token_logprobs(output: torch.Tensor, targets: torch.Tensor, tp_group) -> torch.Tensor:
@@ -29,11 +33,9 @@ def token_logprobs(output: torch.Tensor, targets: torch.Tensor, tp_group) -> tor
 
 
 def _per_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over sequences of each sequence's masked token mean; number of non-empty sequences."""
-    lengths = mask.sum(dim=1)
-    real = lengths > 0
-    per_seq = (values * mask).sum(dim=1) / lengths.clamp(min=1)
-    return per_seq[real].sum(), real.sum()
+    """Sum over sequences of each sequence's masked token mean; number of non-empty sequences.
+    The division by the global count happens in megatron's gradient finalisation."""
+    return sequence_mean_loss(values, mask, 1.0), (mask.sum(dim=1) > 0).sum()
 
 
 def sft_loss(tp_group):
@@ -60,12 +62,17 @@ def policy_loss(tp_group, eps_low: float, eps_high: float, kl_coef: float = 0.0)
             logp, batch["old_logp"], batch["advantages"], mask, eps_low, eps_high
         )
         if kl_coef and "ref_logp" in batch:
-            per_token = per_token + kl_coef * kl_to_reference(logp, batch["ref_logp"])
+            per_token = per_token + kl_coef * kl_to_reference(logp, batch["ref_logp"], mask)
         total, count = _per_sequence_mean(per_token, mask)
-        n_tok = mask.sum().item()
-        metrics = {"loss": (total.item(), count.item())}
-        for key, value in stats.items():
-            metrics[key] = (float(value) * n_tok, n_tok)
+        n_tok = float(stats["tokens"])
+        # (sum, count) pairs: reduce_metrics pools them over micro-batches exactly.
+        metrics = {
+            "loss": (total.item(), count.item()),
+            "clip_frac_low": (float(stats["clipped_low"]), n_tok),
+            "clip_frac_high": (float(stats["clipped_high"]), n_tok),
+            "ratio_mean": (float(stats["ratio"]), n_tok),
+            "approx_kl": (float(stats["approx_kl"]), n_tok),
+        }
         return total, count, metrics
 
     return loss_fn
