@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(["train", *(argv or [])])
     config = getattr(args, "config", None)
     if config and "=" in config and not os.path.exists(config):
-        # `copd train key=value`: no config file given, the first word is an override.
-        args.overrides.insert(0, config)
+        # `copd train key=value` without a config file: the embedded default + overrides.
+        args.overrides = [config, *args.overrides]
         args.config = None
     try:
         return int(args.func(args) or 0)

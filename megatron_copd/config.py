@@ -141,6 +141,8 @@ class ScheduleConfig:
     """Phase-I GRPO steps per cycle."""
     s_opd: int = 2
     """Phase-II (GRPO + mutual OPD) steps per cycle."""
+    steps: int | None = None
+    """Total steps for the grpo / mixed_rlvr recipes; default cycles x (s_rl + s_opd)."""
     topology: Literal["pair", "hub", "all", "custom"] = "pair"
     """pair: 2 branches both ways; hub: `hub` <-> every other; all: every ordered pair."""
     hub: str | None = None
@@ -171,6 +173,11 @@ class GRPOConfig:
     filter_zero_variance: bool = False
     """Drop groups whose rewards are all equal (they carry no GRPO signal)."""
     adv_eps: float = 1e-6
+    default_verifier: str = "math"
+    """Verifier for records without a `reward` field (math, choice, exact, numeric, or yours)."""
+    reward_workers: int = 2
+    """Worker processes for verifiers that need isolation (math-verify); 0 = in-process."""
+    reward_timeout_s: float = 5.0
     micro_batch_size: int = 16
     """Sequences per forward/backward micro-batch."""
     rollout_batch_size: int = 64
@@ -215,6 +222,12 @@ class DataConfig:
     """Held-out items per domain in the toy world."""
     train_size: int = 4000
     max_prompt_tokens: int = 160
+    base_seed: int = 0
+    """Seed of the toy base model (independent of the run seed: every run starts from one base)."""
+    base_warmup_steps: int = 400
+    """Supervised warm-up steps that turn a random model into the toy base."""
+    base_warmup_batch: int = 32
+    base_warmup_lr: float = 2e-3
 
 
 @dataclass

@@ -53,14 +53,18 @@ def run_world(fn, world_size: int, args: tuple = (), timeout: float = 600) -> li
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-        results = []
+        results, errors = [], []
         for rank in range(world_size):
             path = os.path.join(out_dir, f"{rank}.pkl")
             if not os.path.exists(path):
-                raise RuntimeError(f"worker {rank} produced no result (crashed or timed out)")
+                errors.append(f"worker {rank} produced no result (crashed or timed out)")
+                continue
             with open(path, "rb") as f:
                 status, value = pickle.load(f)
             if status == "error":
-                raise RuntimeError(f"worker {rank} failed:\n{value}")
+                errors.append(f"worker {rank} failed:\n{value}")
             results.append(value)
+        if errors:
+            # A crash on one rank shows up as "connection closed" on the others: list them all.
+            raise RuntimeError("\n".join(errors))
         return results

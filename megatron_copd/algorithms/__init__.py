@@ -1,0 +1,1 @@
+"""Pure tensor math for CoPD: GRPO, OPD/MOPD advantages, behavioural overlap. No process groups."""

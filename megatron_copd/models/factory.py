@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core.models.gpt import GPTModel
 from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -19,6 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_copd.config import ModelConfig, ParallelConfig, PrecisionConfig, RunConfig
 from megatron_copd.models import specs
+from megatron_copd.models.language_model import LanguageModel
 from megatron_copd.models.vlm import CopdModel
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -146,7 +146,7 @@ def build_model(
     pre, post = pp_rank == 0, pp_rank == pp_size - 1
     m = cfg.model
     lm_config = lm_transformer_config(cfg, te)
-    language_model = GPTModel(
+    language_model = LanguageModel(
         config=lm_config,
         transformer_layer_spec=specs.lm_layer_spec(m.use_qk_norm, te),
         vocab_size=m.vocab_size,

@@ -24,6 +24,9 @@ Hook for a distributed command (2 lines at its top)::
     rc = relaunch_if_needed(cfg.world_size, ["train", *cli_args])
     if rc is not None:
         return rc
+
+or, having checked ``launch_env().launcher == "single"`` itself,
+``launch_local(cfg.world_size, [sys.executable, "-m", "megatron_copd.cli", *sys.argv[1:]])``.
 """
 
 from __future__ import annotations
@@ -66,6 +69,11 @@ def relaunch_if_needed(world_size: int, argv: list[str]) -> int | None:
     if world_size <= 1 or launch_env().launcher != "single":
         return None
     return run_workers(cli_command(argv), world_size)
+
+
+def launch_local(world_size: int, cmd: list[str]) -> int:
+    """Run ``cmd`` as ``world_size`` local ranks (the call ``training/entry.py`` makes)."""
+    return run_workers(cmd, world_size)
 
 
 @dataclass
