@@ -1,4 +1,4 @@
-"""`copd check CONFIG [overrides] --nodes N --gpus-per-node G`: will this job work, before it queues?
+"""`copd check CONFIG [overrides] --nodes N --gpus-per-node G`: will this job work?
 
 Runs on a login node (no GPU, no process group): loads the config for ``N x G`` ranks and
 prints the layout (world = K x TP x PP x CP x DP, where each branch's ranks and nodes are,
@@ -65,7 +65,10 @@ class Report:
         out = list(self.lines)
         if self.warnings:
             out += ["", f"Warnings ({len(self.warnings)}):"] + [f"  - {w}" for w in self.warnings]
-        out += ["", "Result: OK" if not self.problems else f"Result: {len(self.problems)} problem(s)"]
+        out += [
+            "",
+            "Result: OK" if not self.problems else f"Result: {len(self.problems)} problem(s)",
+        ]
         return "\n".join(out)
 
 
@@ -137,11 +140,12 @@ def _world_problem(cfg: RunConfig, world: int, gpus_per_node: int) -> str | None
         return None  # not a divisibility problem (e.g. parallel.dp fixed): keep the config's line
     lcm = per_dp * gpus_per_node // math.gcd(per_dp, gpus_per_node)
     options = [lcm * i // gpus_per_node for i in range(1, 4)]
+    gpus = [n * gpus_per_node for n in options]
     return (
         f"world size {world} is not divisible by branches x TP x PP x CP = {len(cfg.branches)} x "
         f"{p.tp} x {p.pp} x {p.cp} = {per_dp}; with {gpus_per_node} GPUs per node use "
-        f"{', '.join(map(str, options))} ... nodes ({', '.join(str(n * gpus_per_node) for n in options)} "
-        f"GPUs), or change parallel.tp/pp"
+        f"{', '.join(map(str, options))} ... nodes ({', '.join(map(str, gpus))} GPUs), "
+        f"or change parallel.tp/pp"
     )
 
 
@@ -171,8 +175,12 @@ def _layout(r: Report, cfg: RunConfig, gpn: int) -> None:
         ranks = layout.branch_ranks(k)
         nodes = [x // gpn for x in ranks]
         shared = sorted(
-            {layout.names[layout.branch_of(x)] for node in set(nodes)
-             for x in range(node * gpn, min((node + 1) * gpn, layout.world_size))} - {bname}
+            {
+                layout.names[layout.branch_of(x)]
+                for node in set(nodes)
+                for x in range(node * gpn, min((node + 1) * gpn, layout.world_size))
+            }
+            - {bname}
         )
         where = f"ranks {ranks[0]}-{ranks[-1]}, node(s) {_ranges(nodes)}"
         r.row(f"branch {bname}", where + (f" (shared with {', '.join(shared)})" if shared else ""))
@@ -207,9 +215,14 @@ def _layout(r: Report, cfg: RunConfig, gpn: int) -> None:
             all(layout.peer(x, b) // gpn == x // gpn for b in range(layout.num_branches))
             for x in range(layout.world_size)
         )
-        where = "inside a node" if intra == layout.world_size else (
-            "between nodes" if intra == 0 else f"inside a node for {intra} ranks, between nodes "
-            f"for the rest"
+        where = (
+            "inside a node"
+            if intra == layout.world_size
+            else (
+                "between nodes"
+                if intra == 0
+                else f"inside a node for {intra} ranks, between nodes for the rest"
+            )
         )
         r.row("peer exchange", f"rank r <-> r + k x {n} (same position in every branch), {where}")
 
@@ -267,8 +280,10 @@ def _model(r: Report, cfg: RunConfig, gpu_memory_gb: float, layout_ok: bool) -> 
     stages = params_per_gpu(cfg)
     r.row("per GPU", " / ".join(human(s) for s in stages) + " parameters per pipeline stage")
     mem = memory_per_gpu(cfg)
-    opt = f"distributed optimizer over DP{cfg.parallel.dp}" if mem.distributed_optimizer else (
-        "optimizer replicated"
+    opt = (
+        f"distributed optimizer over DP{cfg.parallel.dp}"
+        if mem.distributed_optimizer
+        else ("optimizer replicated")
     )
     r.row(
         "memory / GPU",
@@ -305,7 +320,9 @@ def _paths(r: Report, cfg: RunConfig) -> None:
         r.row("data", "toy world (generated and cached on first use)")
     for i, b in enumerate(cfg.branches):
         if cfg.data.world == "files" and not b.train_data:
-            r.problems.append(f"branches.{i}.train_data: data.world is 'files' but no file is listed")
+            r.problems.append(
+                f"branches.{i}.train_data: data.world is 'files' but no file is listed"
+            )
         for j, path in enumerate(b.train_data):
             _path_row(r, f"branches.{i}.train_data.{j}", path)
         for j, path in enumerate(b.eval_data):
@@ -375,7 +392,9 @@ def _run_dir(r: Report, cfg: RunConfig) -> None:
         parent = next((p for p in run.parents if p.exists()), None)
         r.row("run_dir", f"{cfg.run_dir} (new run)")
         if parent is not None and not _writable(parent):
-            r.problems.append(f"run_dir: {cfg.run_dir} cannot be created ({parent} is not writable)")
+            r.problems.append(
+                f"run_dir: {cfg.run_dir} cannot be created ({parent} is not writable)"
+            )
         return
     found = []
     for b in cfg.branch_names:

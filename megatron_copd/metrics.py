@@ -45,8 +45,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import Any, Self, TextIO
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
@@ -127,7 +128,8 @@ class MetricsWriter:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
         self._truncate(resume_steps)
-        self._file: TextIO | None = open(self.path, "a", encoding="utf-8")
+        # Kept open for the whole run (one flush per record); closed by close() / __exit__.
+        self._file: TextIO | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -164,7 +166,7 @@ class MetricsWriter:
         rec = {k: _clean(v) for k, v in record.items()}
         rec.setdefault("time", time.time())
         if not isinstance(rec.get("step"), int):
-            raise ValueError(f"metrics record {record!r}: 'step' must be an integer")
+            raise TypeError(f"metrics record {record!r}: 'step' must be an integer")
         self._file.write(json.dumps(rec, allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -191,7 +193,7 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
 
-    def __enter__(self) -> "MetricsWriter":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -238,7 +240,7 @@ def _phase_number(phase: Any) -> float | None:
 
 
 def _fmt_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     if h:
@@ -289,7 +291,10 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(
-                total=total_steps, initial=start_step, desc=desc, file=self.stream,
+                total=total_steps,
+                initial=start_step,
+                desc=desc,
+                file=self.stream,
                 dynamic_ncols=True,
             )
 

@@ -79,7 +79,10 @@ def run_selftest(cfg: RunConfig, args: argparse.Namespace) -> int:
     }
     t = time.perf_counter()
     layout = BranchLayout(
-        cfg.branch_names, tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp,
+        cfg.branch_names,
+        tp=cfg.parallel.tp,
+        pp=cfg.parallel.pp,
+        dp=cfg.parallel.dp,
         cp=cfg.parallel.cp,
     )
     groups = build_branch_groups(layout)
@@ -214,9 +217,9 @@ def _model_forward(cfg: RunConfig, groups, res: dict) -> tuple[float | None, flo
         tpi = m.vision.tokens_per_image
         if tpi < seq:
             tokens[0, 1 : 1 + tpi] = image_token_id
-            pixels = torch.rand(
-                (1, 3, m.vision.image_size, m.vision.image_size), generator=gen
-            ).to(dev)
+            pixels = torch.rand((1, 3, m.vision.image_size, m.vision.image_size), generator=gen).to(
+                dev
+            )
     tokens = tokens.to(dev)
     positions = torch.arange(seq, device=dev).unsqueeze(0).expand(batch, -1)
     mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool, device=dev), 1)[None, None]
@@ -300,11 +303,15 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def _report(s: dict) -> str:
     lines = [
-        f"copd selftest: {s['layout']}, launcher {s['launcher']}, "
-        f"backend {s['ranks'][0]['backend']}, restart {s['restart_count']}",
-        f"{'rank':>4} {'host':<12} {'branch':<10} {'tp':>2} {'cp':>2} {'dp':>3} {'pp':>2} "
-        f"{'init_s':>7} {'groups_s':>8} {'ar_max_ms':>9} {'p2p_ms':>8} {'p2p_MB/s':>9} "
-        f"{'params':>9} {'build_s':>7} {'fwd_s':>6}  device",
+        (
+            f"copd selftest: {s['layout']}, launcher {s['launcher']}, "
+            f"backend {s['ranks'][0]['backend']}, restart {s['restart_count']}"
+        ),
+        (
+            f"{'rank':>4} {'host':<12} {'branch':<10} {'tp':>2} {'cp':>2} {'dp':>3} {'pp':>2} "
+            f"{'init_s':>7} {'groups_s':>8} {'ar_max_ms':>9} {'p2p_ms':>8} {'p2p_MB/s':>9} "
+            f"{'params':>9} {'build_s':>7} {'fwd_s':>6}  device"
+        ),
     ]
     for r in s["ranks"]:
         c = r.get("coords", {})
@@ -333,4 +340,3 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
-

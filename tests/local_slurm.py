@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """A real single-node SLURM cluster on localhost (munge + slurmctld + slurmd), for tests.
 
 Everything lives under one temporary root: munge key/socket/pid/log, slurm.conf, state and
@@ -26,6 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 DAEMONS = ("slurmctld", "slurmd", "munged", "mungekey", "sbatch", "scontrol", "sinfo")
 
@@ -99,7 +101,7 @@ class LocalSlurm:
 
     # ------------------------------------------------------------------------------------------
     @classmethod
-    def start(cls, cpus: int | None = None, timeout: float = 30.0) -> "LocalSlurm":
+    def start(cls, cpus: int | None = None, timeout: float = 30.0) -> Self:
         # Short path: the munge socket path must fit a sockaddr_un (108 bytes).
         root = Path(tempfile.mkdtemp(prefix="copd-slurm-", dir="/tmp"))
         os.chmod(root, 0o755)  # munged refuses a socket directory others cannot traverse
@@ -157,7 +159,11 @@ class LocalSlurm:
         state = ""
         while time.monotonic() < deadline:
             out = subprocess.run(
-                ["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True
+                ["sinfo", "-h", "-o", "%T"],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                check=False,
             )
             state = out.stdout.strip()
             if state == "idle":
@@ -208,7 +214,7 @@ class LocalSlurm:
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "LocalSlurm":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

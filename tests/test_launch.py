@@ -104,9 +104,7 @@ def test_signal_is_forwarded_to_every_worker(tmp_path):
         sys.exit({EXIT_REQUEUE} if got else 1)
         """,
     )
-    launcher = subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER.format(repo=str(REPO), cmd=worker)]
-    )
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER.format(repo=str(REPO), cmd=worker)])
     try:
         deadline = time.monotonic() + 20
         while not all((tmp_path / f"ready{r}").exists() for r in (0, 1)):
@@ -132,9 +130,7 @@ def test_workers_die_with_a_killed_launcher(tmp_path):
         time.sleep(60)
         """,
     )
-    launcher = subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER.format(repo=str(REPO), cmd=worker)]
-    )
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER.format(repo=str(REPO), cmd=worker)])
     try:
         deadline = time.monotonic() + 20
         while not all((tmp_path / f"pid{r}").exists() for r in (0, 1)):
@@ -169,8 +165,14 @@ def test_launch_env_reads_srun_steps_but_not_the_batch_script(monkeypatch):
     for k, v in batch.items():
         monkeypatch.setenv(k, v)
     assert launch_env().launcher == "single"  # the batch script: no srun step
-    step = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8",
-            "SLURM_LOCALID": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "23456"}
+    step = {
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "5",
+        "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_LOCALID": "1",
+        "MASTER_ADDR": "node7",
+        "MASTER_PORT": "23456",
+    }
     for k, v in step.items():
         monkeypatch.setenv(k, v)
     env = launch_env()
@@ -184,7 +186,7 @@ def test_launch_env_reads_srun_steps_but_not_the_batch_script(monkeypatch):
 
 def test_exit_code_is_the_same_in_the_slurm_launcher():
     text = (REPO / "slurm" / "launch.sh").read_text()
-    m = re.search(r"^EXIT_REQUEUE=(\d+)", text, re.M)
+    m = re.search(r"^EXIT_REQUEUE=(\d+)", text, re.MULTILINE)
     assert m, "slurm/launch.sh must define EXIT_REQUEUE"
     assert int(m.group(1)) == exit_codes.EXIT_REQUEUE
 

@@ -12,7 +12,10 @@ HUB = "examples/cluster/copd_3branch_hub.yaml"
 
 def _args(config, overrides=(), nodes=1, gpus=2, mem=80.0):
     return argparse.Namespace(
-        config=config, overrides=list(overrides), nodes=nodes, gpus_per_node=gpus,
+        config=config,
+        overrides=list(overrides),
+        nodes=nodes,
+        gpus_per_node=gpus,
         gpu_memory_gb=mem,
     )
 

@@ -158,9 +158,10 @@ def render(classes: dict[str, ConfigClass]) -> str:
                     f.annotation.value
                 ) in ("list", "tuple")
                 queue.append((f"{prefix}{f.name}{'[]' if is_list else ''}.", sub))
-    out.append("Sections: " + ", ".join(
-        f"[`{p.rstrip('.') or 'top level'}`](#{_anchor(p, n)})" for p, n in sections
-    ))
+    out.append(
+        "Sections: "
+        + ", ".join(f"[`{p.rstrip('.') or 'top level'}`](#{_anchor(p, n)})" for p, n in sections)
+    )
     out.append("")
     for prefix, name in sections:
         cls = classes[name]

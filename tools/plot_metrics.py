@@ -10,13 +10,15 @@ Reads ``RUN_DIR/metrics.jsonl`` (schema: megatron_copd/metrics.py) and, if prese
 * ``accuracy.png`` + ``accuracy.md`` - the held-out accuracy table: base, each branch, merged
   (rows) per domain (columns), best per column in bold.
 
-results.json: ``{"accuracy": {MODEL: {DOMAIN: value, ...}, ...}}`` (MODEL = base, a branch name
-or merged); a bare ``{MODEL: {DOMAIN: value}}`` mapping is accepted too.
+results.json: the training run's ``{"base": {DOMAIN: acc}, "branches": {NAME: {DOMAIN: acc}},
+"merged": {DOMAIN: acc}}``, or ``{"accuracy": {MODEL: {DOMAIN: acc}}}`` (MODEL = base, a branch
+name or merged).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections import defaultdict
@@ -92,7 +94,7 @@ def _segments(xs: list[int], ys: list[float]) -> list[tuple[list[int], list[floa
     smoothing never bridge a gap."""
     if len(xs) < 3:
         return [(list(xs), list(ys))]
-    diffs = sorted(b - a for a, b in zip(xs, xs[1:]))
+    diffs = sorted(b - a for a, b in itertools.pairwise(xs))
     stride = diffs[len(diffs) // 2]  # the usual logging interval
     segs, start = [], 0
     for i in range(1, len(xs)):
@@ -121,7 +123,9 @@ def _phase2_spans(records: list[dict]) -> list[tuple[float, float]]:
     steps = sorted(
         (r["step"], r.get("phase"))
         for r in records
-        if record_kind(r) == "branch" and r.get("branch") == branch and isinstance(r.get("step"), int)
+        if record_kind(r) == "branch"
+        and r.get("branch") == branch
+        and isinstance(r.get("step"), int)
     )
     spans, start, prev = [], None, None
     for step, phase in steps:
@@ -190,7 +194,7 @@ def plot_training(records, out: Path, smooth: int) -> Path | None:
     fig, axes = plt.subplots(rows, cols, figsize=(7.2 * cols, 3.8 * rows), squeeze=False)
     for ax, (title, series) in zip(axes.flat, panels):
         _draw(ax, series, colors, spans, smooth, title)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     return _save(fig, out / "training.png")
 
@@ -212,7 +216,23 @@ def plot_edges(records, out: Path, smooth: int) -> Path | None:
     return _save(fig, out / "edges.png")
 
 
+def _numbers(row) -> dict[str, float]:
+    if not isinstance(row, dict):
+        return {}
+    return {
+        str(d): float(v)
+        for d, v in row.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
 def load_accuracy(path: Path) -> dict[str, dict[str, float]]:
+    """MODEL -> DOMAIN -> accuracy from results.json.
+
+    Accepted shapes: ``{"accuracy": {MODEL: {DOMAIN: v}}}``, a bare ``{MODEL: {DOMAIN: v}}``,
+    and the training run's ``{"base": {...}, "branches": {NAME: {...}}, "merged": {...}}``
+    (a mapping whose values are themselves per-domain mappings is expanded one level).
+    """
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -220,12 +240,14 @@ def load_accuracy(path: Path) -> dict[str, dict[str, float]]:
     table = data.get("accuracy", data) if isinstance(data, dict) else None
     if not isinstance(table, dict):
         raise PlotError(f"{path}: expected {{'accuracy': {{MODEL: {{DOMAIN: value}}}}}}")
-    out = {}
+    out: dict[str, dict[str, float]] = {}
     for model, row in table.items():
-        if isinstance(row, dict):
-            vals = {d: float(v) for d, v in row.items() if isinstance(v, (int, float))}
-            if vals:
-                out[str(model)] = vals
+        if _numbers(row):
+            out[str(model)] = _numbers(row)
+        elif isinstance(row, dict):
+            for name, inner in row.items():
+                if _numbers(inner):
+                    out[str(name)] = _numbers(inner)
     if not out:
         raise PlotError(f"{path}: no per-domain accuracy found")
     return out
@@ -239,7 +261,7 @@ def _model_order(models) -> list[str]:
 def accuracy_markdown(table: dict[str, dict[str, float]]) -> str:
     domains = sorted({d for row in table.values() for d in row})
     models = _model_order(table)
-    best = {d: max((table[m].get(d, float("-inf")) for m in models)) for d in domains}
+    best = {d: max(table[m].get(d, float("-inf")) for m in models) for d in domains}
     lines = ["| model | " + " | ".join(domains) + " | mean |", "|---" * (len(domains) + 2) + "|"]
     for m in models:
         cells = []
@@ -273,13 +295,18 @@ def plot_accuracy(table: dict[str, dict[str, float]], out: Path) -> Path:
         bold.append(brow)
     table_h = 0.3 * (len(models) + 1)
     fig, (ax_bar, ax_tab) = plt.subplots(
-        2, 1, figsize=(max(6.5, 1.6 * (len(domains) + 2)), 4.2 + table_h + 0.3),
+        2,
+        1,
+        figsize=(max(6.5, 1.6 * (len(domains) + 2)), 4.2 + table_h + 0.3),
         gridspec_kw={"height_ratios": [4.2, table_h]},
     )
     width = 0.8 / len(models)
     # Same colour per branch as in the curve plots; base grey, merged black.
-    colors = {**_colors([m for m in models if m not in ("base", "merged")]),
-              "base": "0.65", "merged": "0.15"}
+    colors = {
+        **_colors([m for m in models if m not in ("base", "merged")]),
+        "base": "0.65",
+        "merged": "0.15",
+    }
     for i, m in enumerate(models):
         xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(domains))]
         ys = [100 * table[m].get(d, float("nan")) for d in domains]
@@ -291,7 +318,10 @@ def plot_accuracy(table: dict[str, dict[str, float]], out: Path) -> Path:
     ax_bar.grid(axis="y", alpha=0.3)
     ax_tab.axis("off")
     tab = ax_tab.table(
-        cellText=cells, rowLabels=models, colLabels=domains + ["mean"], loc="center",
+        cellText=cells,
+        rowLabels=models,
+        colLabels=domains + ["mean"],
+        loc="center",
         cellLoc="center",
     )
     tab.scale(1, 1.3)

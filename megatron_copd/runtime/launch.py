@@ -166,16 +166,20 @@ def _supervise(workers: list[_Worker], exit_wait_s: float, kill_grace_s: float, 
         running = [w for w in workers if w.code is None]
         if not running:
             break
-        if first_failure is None and first_clean_exit is not None:
-            if now - first_clean_exit > exit_wait_s and kill_deadline is None:
-                print(
-                    f"copd launch: ranks {[w.rank for w in running]} still running "
-                    f"{exit_wait_s:.0f} s after another rank exited; stopping them",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                _signal_all(workers, signal.SIGTERM)
-                kill_deadline = now + kill_grace_s
+        if (
+            first_failure is None
+            and first_clean_exit is not None
+            and now - first_clean_exit > exit_wait_s
+            and kill_deadline is None
+        ):
+            print(
+                f"copd launch: ranks {[w.rank for w in running]} still running "
+                f"{exit_wait_s:.0f} s after another rank exited; stopping them",
+                file=sys.stderr,
+                flush=True,
+            )
+            _signal_all(workers, signal.SIGTERM)
+            kill_deadline = now + kill_grace_s
         if kill_deadline is not None and now > kill_deadline:
             _signal_all(workers, signal.SIGKILL)
         time.sleep(poll)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import signal
 import time
 from types import FrameType
+from typing import Self
 
 import torch
 import torch.distributed as dist
@@ -64,7 +65,7 @@ class PreemptionWatcher:
             signal.signal(sig, handler)
         self._previous = {}
 
-    def __enter__(self) -> "PreemptionWatcher":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
