@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from local_slurm import LocalSlurm, missing_binaries
 
+from megatron_copd.runtime.exit_codes import EXIT_REQUEUE
+
 REPO = Path(__file__).resolve().parents[1]
 
 # What every rank runs. `copd selftest` until the training engine exists; then switch to
@@ -150,6 +152,52 @@ def test_sbatch_two_branch_job_is_preempted_requeued_and_finishes(cluster, tmp_p
         assert {x["branch"] for x in r["ranks"]} == {"text", "image"}
     launch_log = (log_dir / f"copd-2branch-{job}" / "launch.txt").read_text()
     assert launch_log.count("restart=") == 2 and "restart=1" in launch_log
+
+
+WORKER = """
+import os, signal, sys, time
+got = []
+for s in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(s, lambda n, f: got.append(signal.Signals(n).name))
+print("rank", os.environ["SLURM_PROCID"], "up", flush=True)
+t0 = time.time()
+while not got and time.time() - t0 < 120:
+    time.sleep(0.05)
+print("rank", os.environ["SLURM_PROCID"], "got", got[0] if got else None, flush=True)
+sys.exit(75 if got else 1)
+"""
+
+
+@pytest.mark.slurm
+def test_time_limit_signal_reaches_the_ranks_and_requeues_are_capped(cluster, tmp_path):
+    """The production path: `--signal=B:USR1@<lead>` before the time limit, no manual scancel.
+
+    With COPD_MAX_REQUEUES=0 the launcher refuses to requeue, so the job ends after one run and
+    `sbatch --wait` returns the ranks' requeue code.
+    """
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    out = tmp_path / "job.out"
+    env = {
+        **cluster.env,
+        "COPD_HOME": str(REPO),
+        "COPD_LOG_DIR": str(tmp_path / "logs"),
+        "COPD_TRAIN_CMD": f"{sys.executable} {worker}",
+        "COPD_MAX_REQUEUES": "0",
+    }
+    # A 1-minute limit with the signal 55 s before it: SIGUSR1 comes a few seconds in.
+    sbatch = [
+        "sbatch", "--wait", *LOCAL_SBATCH[:-2], "--time=1", "--signal=B:USR1@55",
+        f"--output={out}", "slurm/copd_2branch.sbatch",
+    ]  # fmt: skip
+    p = subprocess.run(sbatch, cwd=REPO, env=env, capture_output=True, text=True, timeout=150,
+                       check=False)  # fmt: skip
+    log = out.read_text() if out.exists() else ""
+    print(log)
+    assert p.returncode == EXIT_REQUEUE, f"{p.stdout}{p.stderr}\n{log}\n{cluster.logs()}"
+    assert "received SIGUSR1: forwarding" in log
+    assert "rank 0 got SIGUSR1" in log and "rank 1 got SIGUSR1" in log
+    assert "(COPD_MAX_REQUEUES=0); not requeueing" in log
 
 
 def test_launcher_refuses_to_run_outside_slurm(tmp_path):
