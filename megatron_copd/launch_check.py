@@ -228,42 +228,23 @@ def _layout(r: Report, cfg: RunConfig, gpn: int) -> None:
 
 
 def _edges(r: Report, cfg: RunConfig) -> None:
+    from megatron_copd.training.topology import build_edges
+
     s = cfg.schedule
-    names = list(cfg.branch_names)
     r.section("Schedule")
     r.row(
         "recipe",
         f"{s.recipe}, {s.cycles} cycles x ({s.s_rl} GRPO + {s.s_opd} GRPO+OPD steps), "
         f"topology {s.topology}",
     )
-    if s.recipe not in ("copd", "static_opd", "mopd") or len(names) < 2:
+    if s.recipe not in ("copd", "static_opd", "mopd") or len(cfg.branches) < 2:
         return
-    edges: list[tuple[str, str]] = []
-    if s.topology == "pair":
-        if len(names) != 2:
-            r.problems.append(
-                f"schedule.topology: 'pair' needs exactly 2 branches, the config has {len(names)}"
-                " (use hub, all or custom)"
-            )
-            return
-        edges = [(names[0], names[1]), (names[1], names[0])]
-    elif s.topology == "hub":
-        if s.hub not in names:
-            r.problems.append(f"schedule.hub: expected one of {names}, got {s.hub!r}")
-            return
-        spokes = [b for b in names if b != s.hub]
-        edges = [(s.hub, b) for b in spokes] + [(b, s.hub) for b in spokes]
-    elif s.topology == "all":
-        edges = [(a, b) for a in names for b in names if a != b]
-    else:
-        edges = [(e.student, e.teacher) for e in s.edges]
-    for i, e in enumerate(list(s.edges) + list(s.drop_edges)):
-        for end in (e.student, e.teacher):
-            if end not in names:
-                r.problems.append(f"schedule edge {e.student}->{e.teacher}: unknown branch {end!r}")
-    dropped = {(e.student, e.teacher) for e in s.drop_edges}
-    edges = [e for e in edges if e not in dropped]
-    r.row("edges", ", ".join(f"{a}->{b}" for a, b in edges) + "  (student->teacher)")
+    try:
+        edges = build_edges(s, cfg.branch_names)
+    except ConfigError as e:
+        r.problems.append(str(e))
+        return
+    r.row("edges", ", ".join(e.tag for e in edges) + "  (student->teacher)")
 
 
 def _model(r: Report, cfg: RunConfig, gpu_memory_gb: float, layout_ok: bool) -> None:

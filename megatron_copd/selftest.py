@@ -160,13 +160,13 @@ def _check_groups(groups, errors: list[str]) -> dict[str, float]:
     return timings
 
 
-def _exchange_with_peers(groups, mb: float, errors: list[str]) -> tuple[float, float]:
+def _exchange_with_peers(groups, mb: float, errors: list[str]) -> tuple[float | None, float | None]:
     """Send a rank-stamped tensor to every peer in the other branches; check what comes back."""
     layout = groups.layout
     n = max(1, int(mb * 2**20 / 4))
     peers = [groups.peer(b) for b in range(layout.num_branches) if b != groups.branch]
     if not peers:
-        return 0.0, 0.0
+        return None, None
     dev = _device()
     mine = torch.full((n,), float(groups.rank), dtype=torch.float32, device=dev)
     inbox = {p: torch.empty(n, dtype=torch.float32, device=dev) for p in peers}

@@ -26,7 +26,7 @@ def test_toy_layout_is_ok(capsys, tmp_path):
     assert rc == 0, out.err
     assert "2 = 2 branches x TP1 x PP1 x CP1 x DP1" in out.out
     assert "branch text     ranks 0-0, node(s) 0 (shared with image)" in out.out
-    assert "edges           text->image, image->text" in out.out
+    assert "edges           image->text, text->image" in out.out
     assert "Result: OK" in out.out and out.err == ""
 
 
@@ -37,7 +37,7 @@ def test_hub_layout_on_96_gpus_places_branches_on_whole_nodes():
     assert "branch text     ranks 0-31, node(s) 0-3" in text
     assert "branch video    ranks 64-95, node(s) 8-11" in text
     assert "TP groups       24/24 of size 4 inside one node" in text
-    assert "text->image, text->video, image->text, video->text" in text
+    assert "image->text, text->image, text->video, video->text" in text
     # The example's data and model paths are placeholders: each is one problem line.
     assert any("checkpoint.load: directory not found" in p for p in r.problems)
     assert all("world size" not in p for p in r.problems)
@@ -64,7 +64,7 @@ def test_memory_problem_and_bad_hub(tmp_path):
     r = check(None, [f"run_dir={tmp_path}"], nodes=1, gpus_per_node=2, gpu_memory_gb=0.001)
     assert any(p.startswith("memory: weights, gradients and optimizer") for p in r.problems)
     r = check(None, ["schedule.topology=hub", "schedule.hub=audio"], nodes=1, gpus_per_node=2)
-    assert "schedule.hub: expected one of ['text', 'image'], got 'audio'" in r.problems
+    assert "schedule.hub: unknown branch 'audio'; branches are ['text', 'image']" in r.problems
 
 
 def _fake_checkpoint(path, model: dict | None):
