@@ -126,8 +126,7 @@ def run(args) -> int:
                 signal_to_exit = stop.elapsed()
                 break
         else:
-            if ckpt.last_saved != args.total:
-                ckpt.save(args.total, model, dict(state))
+            ckpt.save(args.total, model, dict(state))
     ckpt.close()
     weights = {k: v.detach().clone() for k, v in model.model.state_dict().items()
                if torch.is_tensor(v)}

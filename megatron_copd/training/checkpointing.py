@@ -23,7 +23,7 @@ Engine contract (every rank)::
             if ckpt.after_step(it, branch_model, engine_state_fn, stop):
                 ckpt.close()
                 return EXIT_REQUEUE
-        ckpt.save(total, branch_model, engine_state_fn())   # (skip if after_step just did)
+        ckpt.save(total, branch_model, engine_state_fn())   # no-op if after_step just saved it
         ckpt.close()
 """
 
@@ -152,7 +152,7 @@ class CheckpointManager:
         (a rank that raised alone would leave the others blocked in the next collective)."""
         errors: list[str | None] = [None] * dist.get_world_size(self.sync_group)
         dist.all_gather_object(errors, error, group=self.sync_group)
-        first = next((e for e in errors if e), None)
+        first = error or next((e for e in errors if e), None)
         if first:
             raise CheckpointError(first)
 
@@ -193,7 +193,8 @@ class CheckpointManager:
         *,
         async_save: bool | None = None,
     ) -> None:
-        """Write ``iter_<iteration>`` of this branch (collective over the sync group).
+        """Write ``iter_<iteration>`` of this branch (collective over the sync group). A no-op
+        (after finishing pending writes) when ``iteration`` is already saved.
 
         Synchronous: returns when the checkpoint is published and ``latest`` updated.
         Asynchronous (``checkpoint.async_save`` or ``async_save=True``): returns after planning
@@ -201,6 +202,8 @@ class CheckpointManager:
         later :meth:`maybe_finalize` / :meth:`wait` / :meth:`save` once every rank finished.
         """
         self.wait()
+        if self.last_saved == iteration:
+            return  # e.g. the final save right after an interval save of the same step
         background = self.ccfg.async_save if async_save is None else async_save
         engine_state = state() if callable(state) else state
         t0 = time.perf_counter()
@@ -278,14 +281,9 @@ class CheckpointManager:
         crashed writes/deletes. Checkpoints newer than ``newest`` (from a discarded future) are
         left alone until overwritten."""
         scan = scan_branch_dir(self.branch_dir)
-        older = sorted(n for n in scan.complete if n <= newest)
-        keep = set(older) if self.ccfg.keep_last <= 0 else set(older[-self.ccfg.keep_last:])
-        if self.ccfg.keep_every > 0:
-            keep |= {n for n in older if n % self.ccfg.keep_every == 0}
-        keep.add(newest)
-        for n in older:
-            if n not in keep:
-                _remove_dir(scan.complete[n])
+        for n in retention_victims(scan.complete, newest, self.ccfg.keep_last,
+                                   self.ccfg.keep_every):
+            _remove_dir(scan.complete[n])
         for entry in self.branch_dir.iterdir():
             if entry.is_dir() and entry.name.startswith("iter_") and (
                 entry.name.endswith(TMP_SUFFIX) or entry.name.endswith(DELETING_SUFFIX)
@@ -454,6 +452,19 @@ class CheckpointManager:
                 f"{meta_path}: optimizer state format is {meta.get('optimizer_format')!r}, this "
                 f"run uses {fmt!r}; set parallel.distributed_optimizer to match the checkpoint"
             )
+
+
+def retention_victims(
+    iterations, newest: int, keep_last: int, keep_every: int
+) -> list[int]:
+    """Iterations to delete after ``newest`` was published: all up to ``newest`` except the last
+    ``keep_last`` (<= 0 keeps all) and the multiples of ``keep_every`` (> 0)."""
+    older = sorted(n for n in iterations if n <= newest)
+    keep = set(older) if keep_last <= 0 else set(older[-keep_last:])
+    if keep_every > 0:
+        keep |= {n for n in older if n % keep_every == 0}
+    keep.add(newest)
+    return [n for n in older if n not in keep]
 
 
 def first_model_difference(saved: dict, current: dict, prefix: str = "model") -> str | None:
