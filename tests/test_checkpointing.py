@@ -247,13 +247,37 @@ def _reshard_and_errors(world, run_dir, err_dir):
             "written": written, "events": ckpt.events}
 
 
-def _branches_worker(rank, world, run_dir, err_dir):
-    return _save_and_reload(world, run_dir), _reshard_and_errors(world, run_dir, err_dir)
+def _distributed_optimizer(world, run_dir):
+    """The GPU default: megatron's DistributedOptimizer (state sharded over DP), saved in its
+    fully_reshardable format at DP=2, resumed exactly, then resharded to TP=2 x DP=1."""
+    cfg = _config(tp=1)
+    cfg.parallel.distributed_optimizer = True
+    g = _setup(cfg, world)
+    model = BranchModel(cfg, g, IMAGE_TOKEN, total_steps=10)
+    _steps(model, g.branch, 0, 2)
+    CheckpointManager(run_dir, g, cfg).save(2, model, {})
+    ref = _steps(model, g.branch, 2, 5)
+    g = _setup(cfg, world, seed_offset=7)
+    fresh = BranchModel(cfg, g, IMAGE_TOKEN, total_steps=10)
+    CheckpointManager(run_dir, g, cfg).load_latest(fresh)
+    again = _steps(fresh, g.branch, 2, 5)
+    cfg2 = copy.deepcopy(cfg)
+    cfg2.parallel.tp = 2
+    g = _setup(cfg2, world)
+    tp2 = BranchModel(cfg2, g, IMAGE_TOKEN, total_steps=10)
+    CheckpointManager(run_dir, g, cfg2).load_latest(tp2)
+    return {"ref": ref, "again": again, "tp2": _steps(tp2, g.branch, 2, 5)}
+
+
+def _branches_worker(rank, world, run_dir, err_dir, dist_opt_dir):
+    return (_save_and_reload(world, run_dir), _reshard_and_errors(world, run_dir, err_dir),
+            _distributed_optimizer(world, dist_opt_dir))
 
 
 def test_concurrent_branch_saves_resume_reshard_and_errors(tmp_path):
     run_dir = str(tmp_path / "run")
-    results = run_world(_branches_worker, 4, args=(run_dir, str(tmp_path / "errs")))
+    results = run_world(_branches_worker, 4,
+                        args=(run_dir, str(tmp_path / "errs"), str(tmp_path / "distopt")))
     out = [r[0] for r in results]
     for o in out:
         assert o["same"] and o["was_different"], o["branch"]
@@ -289,6 +313,11 @@ def test_concurrent_branch_saves_resume_reshard_and_errors(tmp_path):
         assert "branch 'audio', which the config does not have" in e["unknown"]
         assert r["skipped"] and r["written"]
     assert any("preemption: not saving iteration 7" in e for e in results[0][1]["events"])
+
+    for r in (r[2] for r in results):
+        assert r["again"] == r["ref"], "distributed optimizer: exact resume"
+        for (loss, gn), (rloss, rgn) in zip(r["tp2"], r["ref"]):
+            assert abs(loss - rloss) <= 1e-5 * abs(rloss) and abs(gn - rgn) <= 1e-4 * abs(rgn)
     assert (tmp_path / "run" / "checkpoints" / "a" / "latest").read_text().strip() == iter_name(7)
 
 

@@ -412,6 +412,7 @@ class CheckpointManager:
         except CheckpointError as e:
             error = str(e)
         except Exception as e:  # noqa: BLE001 - any reader failure: one line naming the dir
+            log.debug("loading %s failed", ckpt_dir, exc_info=True)
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             error = f"{ckpt_dir}: cannot load ({type(e).__name__}: {first})"
         self._agree(error)

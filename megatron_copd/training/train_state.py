@@ -23,6 +23,7 @@ rng_state          per-rank RNG states (python, numpy, torch CPU, CUDA when pres
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from dataclasses import dataclass
@@ -112,6 +113,8 @@ def build_train_state(
 ) -> dict:
     """This rank's part of the branch checkpoint (see the module docstring)."""
     md = sharded_metadata(branch_model)
+    if for_loading:
+        _materialize_distributed_optimizer_state(branch_model.optimizer)
     model_sd = branch_model.model.sharded_state_dict(prefix=MODEL_PREFIX, metadata=md)
     optim_sd = branch_model.optimizer.sharded_state_dict(
         model_sd, is_loading=for_loading, metadata=md
@@ -132,6 +135,70 @@ def build_train_state(
     return state
 
 
+def _materialize_distributed_optimizer_state(optimizer) -> None:
+    """A fresh DistributedOptimizer over torch's Adam (no Apex/TE: CPU) has no per-parameter
+    state yet, and its ``state_dict()`` - which megatron calls while building the *loading*
+    sharded state dict - asserts one common ``step``. Create zero moments and step 0 (all
+    replaced by the load), as megatron's own ``init_state_fn`` does for the plain optimizer."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return  # fused optimizers keep the step in param_groups; megatron handles them
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, distrib_optimizer.DistributedOptimizer) or opt.is_stub_optimizer:
+            continue
+        inner = opt.optimizer
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if all(len(inner.state[p]) for p in params):
+            continue
+        opt.init_state_fn(inner, opt.config)
+        for p in params:
+            inner.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+@contextlib.contextmanager
+def _torch_adam_step_shim(optimizer):
+    """Work around two megatron 0.19 DistributedOptimizer bugs with torch's Adam (no Apex/TE;
+    fused optimizers keep the step in param_groups and are not affected):
+
+    - the fully_reshardable / model-space loaders restore the per-parameter ``step`` tensor
+      separately and leave it out of the tensors they copy, but
+      ``_set_main_param_and_optimizer_states`` copies every tensor of the parameter's state and
+      fails with KeyError 'step': feed the already-restored step back in during the load;
+    - ``load_state_dict`` gives every parameter one *shared* step tensor, which torch's Adam
+      then increments in place once per parameter per step (wrong bias correction after a
+      resume): give each parameter its own copy afterwards.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    patched = []
+    if not distrib_optimizer.HAVE_APEX_OR_TE:
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            if not isinstance(opt, distrib_optimizer.DistributedOptimizer):
+                continue
+            original = opt._set_main_param_and_optimizer_states
+
+            def with_step(model_param, tensors, _opt=opt, _original=original):
+                group_index, group_order = _opt.model_param_group_index_map[model_param]
+                main = _opt.optimizer.param_groups[group_index]["params"][group_order]
+                step = _opt.optimizer.state[main].get("step")
+                if isinstance(step, torch.Tensor) and "step" not in tensors:
+                    tensors = dict(tensors, step=step.clone())
+                return _original(model_param, tensors)
+
+            opt._set_main_param_and_optimizer_states = with_step
+            patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+    for opt in patched:
+        for state in opt.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
 @dataclass
 class Restored:
     iteration: int
@@ -147,7 +214,8 @@ def restore_train_state(branch_model, loaded: dict, *, with_rng: bool) -> Restor
         for k, v in loaded["model"].items()
     }
     branch_model.model.load_state_dict(weights, strict=True)
-    branch_model.optimizer.load_state_dict(loaded["optimizer"])
+    with _torch_adam_step_shim(branch_model.optimizer):
+        branch_model.optimizer.load_state_dict(loaded["optimizer"])
     _restore_scheduler(branch_model.scheduler, loaded["scheduler"])
     if with_rng:
         restore_rng(loaded["rng_state"])
