@@ -32,7 +32,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-from megatron.core.dist_checkpointing.mapping import ShardedObject, apply_factories
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import (
+    ShardedObject,
+    ShardedTensor,
+    apply_factories,
+)
 from megatron.core.dist_checkpointing.state_dict_utils import filter_out_empty_flatten_tensor
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
@@ -105,11 +110,12 @@ def validate_sharding(sharded_part: dict, group) -> None:
         raise RuntimeError(f"invalid sharding pattern for a group-local save: {verdict[0]}")
 
 
-def _snapshot(write_buckets: list, copy_cpu: bool) -> list:
+def _snapshot(write_buckets: list, live_storages: set[int] | None) -> list:
     """Own copies of the tensors to write (host memory), so training may change the originals.
 
-    Device tensors are always copied to the host (the writer only writes CPU tensors); host
-    tensors only when the write runs in the background (``copy_cpu``).
+    Device tensors are always copied to the host (the writer only writes CPU tensors). Host
+    tensors are copied only for a background write (``live_storages`` given), and only when they
+    still share storage with the live state (megatron's writer already cloned the views).
     """
     out = []
     for path, storage_key, (bytes_data, tensor_data) in write_buckets:
@@ -117,11 +123,15 @@ def _snapshot(write_buckets: list, copy_cpu: bool) -> list:
         for item, tensor in tensor_data:
             if tensor.device.type != "cpu":
                 tensor = tensor.detach().to("cpu")
-            elif copy_cpu:
+            elif live_storages is not None and _storage(tensor) in live_storages:
                 tensor = tensor.detach().clone()
             tensors.append((item, tensor))
         out.append((path, storage_key, (bytes_data, tensors)))
     return out
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
 
 
 class SaveRequest:
@@ -223,6 +233,10 @@ def save_sharded(
     if validate:
         validate_sharding(sharded_part, group)
 
+    live = None
+    if background:
+        live = {_storage(sh.data) for sh in nested_values(sharded_part)
+                if isinstance(sh, ShardedTensor) and sh.data is not None}
     flat, _, _ = _replace_state_dict_keys_with_sharded_keys(
         sharded_part, keep_only_main_replica=True
     )
@@ -240,7 +254,7 @@ def save_sharded(
     save_fn, _, save_args = writer.get_save_function_and_args()
     if save_fn is not None:
         save_args = list(save_args)
-        save_args[1] = _snapshot(save_args[1], copy_cpu=background)
+        save_args[1] = _snapshot(save_args[1], live)
     return SaveRequest(directory, group, writer, plan_result, save_fn, save_args, background)
 
 
