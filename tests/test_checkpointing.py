@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import pickle
 import shutil
 import signal
 import socket
@@ -19,8 +18,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from harness import run_world
-from model_fixtures import IMAGE_TOKEN, lm_batch, tiny_config
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from model_fixtures import IMAGE_TOKEN, lm_batch, tiny_config
 
 from megatron_copd.checkpoint.ckpt_dirs import (
     iter_name,
@@ -142,7 +141,8 @@ def _config(tp):
 
 
 def _setup(cfg, world, seed_offset=0):
-    layout = BranchLayout.from_world(cfg.branch_names, world, tp=cfg.parallel.tp)
+    layout = BranchLayout.from_world(cfg.branch_names, world, tp=cfg.parallel.tp,
+                                     pp=cfg.parallel.pp)
     g = build_branch_groups(layout)
     init_megatron_state(g, cfg.seed + 100 * g.branch + seed_offset)
     _lm_loss.tp_group = g.pgs.tp
@@ -156,7 +156,7 @@ def _steps(model, branch, start, end):
         for b in mbs:
             b.pop("pixels")
         r = model.train_step(mbs, _lm_loss, seq_length=24)
-        out.append((r.metrics["loss"], r.grad_norm))
+        out.append((r.metrics.get("loss"), r.grad_norm))
     return out
 
 
@@ -249,7 +249,7 @@ def _reshard_and_errors(world, run_dir, err_dir):
 
 def _distributed_optimizer(world, run_dir):
     """The GPU default: megatron's DistributedOptimizer (state sharded over DP), saved in its
-    fully_reshardable format at DP=2, resumed exactly, then resharded to TP=2 x DP=1."""
+    fully_reshardable format at DP=2, resumed exactly, then resharded to PP=2 x DP=1."""
     cfg = _config(tp=1)
     cfg.parallel.distributed_optimizer = True
     g = _setup(cfg, world)
@@ -262,11 +262,12 @@ def _distributed_optimizer(world, run_dir):
     CheckpointManager(run_dir, g, cfg).load_latest(fresh)
     again = _steps(fresh, g.branch, 2, 5)
     cfg2 = copy.deepcopy(cfg)
-    cfg2.parallel.tp = 2
+    cfg2.parallel.pp = 2
     g = _setup(cfg2, world)
-    tp2 = BranchModel(cfg2, g, IMAGE_TOKEN, total_steps=10)
-    CheckpointManager(run_dir, g, cfg2).load_latest(tp2)
-    return {"ref": ref, "again": again, "tp2": _steps(tp2, g.branch, 2, 5)}
+    pp2 = BranchModel(cfg2, g, IMAGE_TOKEN, total_steps=10)
+    CheckpointManager(run_dir, g, cfg2).load_latest(pp2)
+    return {"ref": ref, "again": again, "pp2": _steps(pp2, g.branch, 2, 5),
+            "last_stage": g.is_last_stage}
 
 
 def _branches_worker(rank, world, run_dir, err_dir, dist_opt_dir):
@@ -316,8 +317,11 @@ def test_concurrent_branch_saves_resume_reshard_and_errors(tmp_path):
 
     for r in (r[2] for r in results):
         assert r["again"] == r["ref"], "distributed optimizer: exact resume"
-        for (loss, gn), (rloss, rgn) in zip(r["tp2"], r["ref"]):
-            assert abs(loss - rloss) <= 1e-5 * abs(rloss) and abs(gn - rgn) <= 1e-4 * abs(rgn)
+        for (loss, gn), (rloss, rgn) in zip(r["pp2"], r["ref"]):
+            assert abs(gn - rgn) <= 1e-4 * abs(rgn)  # the grad norm is branch-wide
+            if r["last_stage"]:
+                assert abs(loss - rloss) <= 1e-5 * abs(rloss)
+    assert sum(r[2]["last_stage"] for r in results) == 2
     assert (tmp_path / "run" / "checkpoints" / "a" / "latest").read_text().strip() == iter_name(7)
 
 
@@ -335,9 +339,9 @@ def _launch(world: int, args: list[str], log_dir: Path) -> list[subprocess.Popen
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONWARNINGS="ignore")
         env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
-        log = open(log_dir / f"rank{r}.log", "ab")
-        procs.append(subprocess.Popen([sys.executable, str(HERE / "ckpt_driver.py"), *args],
-                                      env=env, stdout=log, stderr=subprocess.STDOUT))
+        with open(log_dir / f"rank{r}.log", "ab") as log:  # the child keeps its own handle
+            procs.append(subprocess.Popen([sys.executable, str(HERE / "ckpt_driver.py"), *args],
+                                          env=env, stdout=log, stderr=subprocess.STDOUT))
     return procs
 
 

@@ -34,9 +34,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -181,7 +182,7 @@ class CheckpointManager:
             "optimizer_format": optimizer_format(branch_model),
             "precision": str(branch_model.config.params_dtype).replace("torch.", ""),
             "base_fingerprint": self.base_fingerprint,
-            "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "saved_at": datetime.datetime.now(datetime.UTC).isoformat(),
         }
 
     # --------------------------------------------------------------------------------- save

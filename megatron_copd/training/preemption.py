@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import Self
 
 import torch
 import torch.distributed as dist
@@ -37,7 +38,7 @@ class PreemptionHandler:
         self._flag = False
         self._previous: dict[int, object] = {}
 
-    def install(self) -> "PreemptionHandler":
+    def install(self) -> PreemptionHandler:
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._on_signal)
         return self
@@ -47,7 +48,7 @@ class PreemptionHandler:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def __enter__(self) -> "PreemptionHandler":
+    def __enter__(self) -> Self:
         return self.install()
 
     def __exit__(self, *exc) -> None:

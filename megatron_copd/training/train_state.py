@@ -210,7 +210,7 @@ def restore_train_state(branch_model, loaded: dict, *, with_rng: bool) -> Restor
     """Put a loaded state (from :func:`build_train_state` ``for_loading=True``) into the model,
     optimizer, scheduler and RNGs."""
     weights = {
-        k[len(MODEL_PREFIX):] if k.startswith(MODEL_PREFIX) else k: v
+        k.removeprefix(MODEL_PREFIX): v
         for k, v in loaded["model"].items()
     }
     branch_model.model.load_state_dict(weights, strict=True)
