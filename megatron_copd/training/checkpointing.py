@@ -211,17 +211,22 @@ class CheckpointManager:
         name = iter_name(iteration)
         tmp = self.branch_dir / (name + TMP_SUFFIX)
         final = self.branch_dir / name
+        error = None
         if self.is_writer:
-            self.branch_dir.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            if final.exists():
-                # A checkpoint from a discarded future (resumed from an earlier iteration).
-                self._info(f"replacing the existing {final.name} (newer than the resume point)",
-                           warn=True)
-                _remove_dir(final)
-            tmp.mkdir()
-        dist.barrier(self.groups.branch_group)
+            try:
+                self.branch_dir.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                if final.exists():
+                    # A checkpoint from a discarded future (resumed from an earlier iteration).
+                    self._info(f"replacing the existing {final.name} (newer than the resume "
+                               f"point)", warn=True)
+                    _remove_dir(final)
+                tmp.mkdir()
+            except OSError as e:
+                error = f"{tmp}: cannot create the checkpoint directory ({e})"
+        # Also the barrier that keeps every rank from writing before the directory exists.
+        self._agree(error)
         sharded = build_train_state(branch_model, iteration, engine_state)
         request = save_sharded(sharded, tmp, self.groups.branch_group, background=background)
         blocking = time.perf_counter() - t0
@@ -254,18 +259,26 @@ class CheckpointManager:
         p = self._pending
         assert p is not None
         self._pending = None
-        # .metadata + metadata.json; raises on every rank of the branch if any write failed.
-        p.request.finalize()
+        error = None
+        try:
+            # .metadata + metadata.json; raises on every rank of the branch if a write failed.
+            p.request.finalize()
+            if self.is_writer:
+                write_text_atomic(p.tmp / META_FILE, _json(p.meta))
+                publish_dir(p.tmp, p.final)
+        except (CheckpointError, OSError) as e:
+            error = str(e) if isinstance(e, CheckpointError) else f"{p.tmp}: {e}"
+        # Every branch has published iter_N before any branch moves `latest` or deletes (and a
+        # failure anywhere raises everywhere: no branch is left waiting for another).
+        self._agree(error)
+        error = None
         if self.is_writer:
-            meta = dict(p.meta)
-            write_text_atomic(p.tmp / META_FILE, _json(meta))
-            publish_dir(p.tmp, p.final)
-        # Every branch has published iter_N before any branch moves `latest` or deletes.
-        dist.barrier(group=self.sync_group)
-        if self.is_writer:
-            write_latest(self.branch_dir, p.iteration)
-            self._retention(p.iteration)
-        dist.barrier(self.groups.branch_group)
+            try:
+                write_latest(self.branch_dir, p.iteration)
+                self._retention(p.iteration)
+            except OSError as e:
+                error = f"{self.branch_dir}: updating latest / retention failed ({e})"
+        self._agree(error)
         total = time.perf_counter() - p.started
         if p.request.is_background:
             cost = p.blocking_seconds + (p.request.write_seconds or 0.0)
