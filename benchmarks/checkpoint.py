@@ -130,6 +130,7 @@ def bench(name: str, repeats: int, root: Path) -> dict:
         dist_checkpointing.save(build_train_state(branch, it, {"it": it}), str(d))
         stock.append(time.perf_counter() - t0)
     out["stock_save"] = statistics.median(stock)
+    out["stock_first"] = stock[0]  # megatron starts its 'spawn' Manager process on first use
 
     plain = []
     for i in range(repeats):
@@ -172,6 +173,9 @@ def main() -> None:
               f"async blocks training {r['async_blocked'] / r['sync_total']:.0%} of a sync save; "
               f"stock megatron save / ours = {r['stock_save'] / r['sync_total']:.2f}x; "
               f"torch.save file {r['plain_size'] / 2**20:.1f} MB")
+    first = next(iter(rows.values()))["stock_first"]
+    print(f"first stock dist_checkpointing.save in the process: {first:.2f}s (it starts "
+          f"megatron's 'spawn' results-queue process; CheckpointManager starts none)")
 
 
 if __name__ == "__main__":

@@ -243,7 +243,8 @@ def _reshard_and_errors(world, run_dir, err_dir):
     ckpt.last_save_seconds = 0.0
     written = ckpt.save_for_preemption(7, model, {"x": 1}, handler)
     return {"branch": g.branch, "traj": traj, "ctrl": ctrl, "rng": resumed.rng_restored,
-            "iteration": resumed.iteration, "errors": errors, "skipped": skipped,
+            "iteration": resumed.iteration, "state": resumed.engine_state,
+            "errors": errors, "skipped": skipped,
             "written": written, "events": ckpt.events}
 
 
@@ -297,6 +298,7 @@ def test_concurrent_branch_saves_resume_reshard_and_errors(tmp_path):
     for r in (r[1] for r in results):
         ref = out[2 * r["branch"]]["ref"]
         assert r["iteration"] == 2 and r["rng"] is False
+        assert r["state"] == {"branch": "ab"[r["branch"]], "position": 2}
         for (loss, gn), (rloss, rgn) in zip(r["traj"], ref):
             assert abs(loss - rloss) <= 1e-5 * abs(rloss), (r["traj"], ref)
             assert abs(gn - rgn) <= 1e-4 * abs(rgn)
