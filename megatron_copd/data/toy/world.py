@@ -12,37 +12,30 @@ Records follow the prompt-record schema (id, domain, prompt, answer, images, vid
 media paths are relative to the JSONL file's directory. Everything is a pure function of the spec:
 the same seed gives byte-identical files. Eval items are unique and never appear in train.
 
-Concurrency: the world is generated in a hidden temporary directory and renamed into place, so a
-reader never sees a partial world. A lock file makes concurrent callers (ranks, processes) wait
-for the first builder instead of duplicating the work; if locking is unavailable (some network
-file systems), the first rename wins and the others discard their copy.
+Concurrency: built through :func:`megatron_copd.data.cache.build_once` (temporary directory,
+lock file, rename), so concurrent callers from several ranks get one complete world.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
-import shutil
-import time
-import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from megatron_copd.data.cache import build_once
 from megatron_copd.data.toy import image_tasks, text_tasks, video_tasks
 from megatron_copd.errors import DataError
 
 VERSION = "toy-v1"
 DOMAINS = ("text", "image", "video")
 SPLITS = ("train", "eval")
-_STALE_TMP_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -128,26 +121,8 @@ def build_toy_world(
     except TypeError as e:
         raise DataError(f"toy world: {e}") from None
     spec.validate()
-    cache = Path(cache_dir).expanduser()
-    final = cache / spec.dir_name()
-    if (final / "manifest.json").exists():  # fast path: a complete world is never renamed away
-        return _open(final, spec)
-    cache.mkdir(parents=True, exist_ok=True)
-    with _locked(cache / f"{spec.dir_name()}.lock"):
-        if (final / "manifest.json").exists():
-            return _open(final, spec)
-        _remove_stale_tmp(cache, spec.dir_name())
-        tmp = cache / f".{spec.dir_name()}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            _generate(tmp, spec)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not (final / "manifest.json").exists():
-                    raise
-                # Another builder (without a working lock) won the rename; use its copy.
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    final = Path(cache_dir).expanduser() / spec.dir_name()
+    build_once(final, lambda tmp: _generate(tmp, spec), "manifest.json")
     return _open(final, spec)
 
 
@@ -157,33 +132,6 @@ def _open(root: Path, spec: ToySpec) -> ToyWorld:
         raise DataError(f"{root / 'manifest.json'}: spec does not match the requested toy world "
                         f"{dataclasses.asdict(spec)}; delete {root} to rebuild it")
     return ToyWorld(root=root, spec=spec)
-
-
-@contextmanager
-def _locked(path: Path):
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX)
-        except OSError:
-            pass  # no locking here; the atomic rename still keeps the result whole
-        try:
-            yield
-        finally:
-            try:
-                fcntl.flock(f, fcntl.LOCK_UN)
-            except OSError:
-                pass
-
-
-def _remove_stale_tmp(cache: Path, name: str) -> None:
-    """Temporary directories left by builders that died (older than an hour)."""
-    now = time.time()
-    for p in cache.glob(f".{name}.tmp-*"):
-        try:
-            if now - p.stat().st_mtime > _STALE_TMP_SECONDS:
-                shutil.rmtree(p, ignore_errors=True)
-        except FileNotFoundError:
-            pass
 
 
 # ---------------------------------------------------------------------------------------------
