@@ -40,8 +40,9 @@ class Shape:
             return inside_box
         r = self.size / 2.0
         cx, cy = self.x + r - 0.5, self.y + r - 0.5
-        # The +0.25 rounds small circles out so a 3-pixel circle is a plus sign, not a dot.
-        return inside_box & ((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r + 0.25)
+        # The -0.5 always cuts the corner pixels, so even a 3-pixel circle (a plus sign) never
+        # fills its box and cannot be mistaken for a square.
+        return inside_box & ((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r - 0.5)
 
     def area(self) -> int:
         return int(self.mask().sum())
