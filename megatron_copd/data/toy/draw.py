@@ -8,6 +8,7 @@ exact pixel values.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -32,24 +33,36 @@ class Shape:
     size: int  # side (square) or diameter (circle) in pixels
     shade: int = 0  # brightness jitter added to every channel
 
+    def local_mask(self) -> np.ndarray:
+        """[size, size] bool footprint inside the bounding box."""
+        return _footprint(self.kind, self.size)
+
     def mask(self, canvas: int = CANVAS) -> np.ndarray:
-        yy, xx = np.mgrid[0:canvas, 0:canvas]
-        inside_box = (xx >= self.x) & (xx < self.x + self.size)
-        inside_box &= (yy >= self.y) & (yy < self.y + self.size)
-        if self.kind == "square":
-            return inside_box
-        r = self.size / 2.0
-        cx, cy = self.x + r - 0.5, self.y + r - 0.5
-        # The -0.5 always cuts the corner pixels, so even a 3-pixel circle (a plus sign) never
-        # fills its box and cannot be mistaken for a square.
-        return inside_box & ((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r - 0.5)
+        out = np.zeros((canvas, canvas), dtype=bool)
+        out[self.y:self.y + self.size, self.x:self.x + self.size] = self.local_mask()
+        return out
 
     def area(self) -> int:
-        return int(self.mask().sum())
+        return int(self.local_mask().sum())
 
     def as_dict(self) -> dict:
         return {"kind": self.kind, "colour": self.colour, "x": self.x, "y": self.y,
                 "size": self.size, "shade": self.shade}
+
+
+@lru_cache(maxsize=None)
+def _footprint(kind: str, size: int) -> np.ndarray:
+    if kind == "square":
+        fp = np.ones((size, size), dtype=bool)
+        fp.setflags(write=False)
+        return fp
+    yy, xx = np.mgrid[0:size, 0:size]
+    c = size / 2.0 - 0.5
+    # The -0.5 always cuts the corner pixels, so even a 3-pixel circle (a plus sign) never fills
+    # its box and cannot be mistaken for a square.
+    fp = (xx - c) ** 2 + (yy - c) ** 2 <= (size / 2.0) ** 2 - 0.5
+    fp.setflags(write=False)  # shared by every shape of this kind and size
+    return fp
 
 
 def rgb(colour: str) -> tuple[int, int, int]:
@@ -61,5 +74,7 @@ def render(shapes: list[Shape] | tuple[Shape, ...], canvas: int = CANVAS) -> np.
     img = np.zeros((canvas, canvas, 3), dtype=np.uint8)
     for s in shapes:
         value = np.clip(np.array(rgb(s.colour), dtype=np.int16) + s.shade, 0, 255)
-        img[s.mask(canvas)] = value.astype(np.uint8)
+        if s.x < 0 or s.y < 0 or s.x + s.size > canvas or s.y + s.size > canvas:
+            raise ValueError(f"shape outside the {canvas}x{canvas} canvas: {s}")
+        img[s.y:s.y + s.size, s.x:s.x + s.size][s.local_mask()] = value.astype(np.uint8)
     return img
