@@ -137,6 +137,12 @@ def test_bad_specs(tmp_path):
         build_toy_world(tmp_path, seed=1, text_min_steps=3, text_max_steps=2)
     with pytest.raises(DataError, match="text_word_frac must be in"):
         build_toy_world(tmp_path, seed=1, text_word_frac=2.0)
+    with pytest.raises(DataError, match="text_max_operand must be in"):
+        build_toy_world(tmp_path, seed=1, text_max_operand=1)
+    with pytest.raises(DataError, match=r"image_tasks must be a non-empty subset of .*'spin'"):
+        build_toy_world(tmp_path, seed=1, image_tasks=["count", "spin"])
+    with pytest.raises(DataError, match="video_tasks must be a non-empty subset"):
+        build_toy_world(tmp_path, seed=1, video_tasks=[])
     with pytest.raises(DataError, match="unexpected keyword argument 'colours'"):
         build_toy_world(tmp_path, seed=1, colours=3)
     with pytest.raises(DataError, match="could only draw .* distinct text/eval items"):
@@ -194,6 +200,21 @@ def test_text_difficulty_knob(tmp_path):
     w3 = build_toy_world(tmp_path, seed=2, train_size=40, eval_size=20, text_min_steps=3,
                          text_max_steps=3, text_word_frac=0.0)
     assert all(len(r["prompt"].split()) == 8 for r in w3.iter_rows("text", "train"))
+    easy = build_toy_world(tmp_path, seed=2, train_size=40, eval_size=20, text_max_operand=9)
+    numbers = [int(n) for d in ("train", "eval") for r in easy.iter_rows("text", d)
+               for n in re.findall(r"\d+", r["prompt"])]
+    assert max(numbers) <= 9
+
+
+def test_task_subsets(tmp_path):
+    # Lists (as from YAML) are accepted and name the same world as tuples.
+    w = build_toy_world(tmp_path, seed=2, train_size=30, eval_size=10,
+                        image_tasks=["majority"], video_tasks=("direction", "mover"))
+    assert {r["meta"]["task"] for r in w.iter_rows("image", "train")} == {"majority"}
+    assert {r["meta"]["task"] for r in w.iter_rows("video", "train")} == {"direction", "mover"}
+    again = build_toy_world(tmp_path, seed=2, train_size=30, eval_size=10,
+                            image_tasks=("majority",), video_tasks=["direction", "mover"])
+    assert again.root == w.root
 
 
 PALETTE = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235),

@@ -61,8 +61,8 @@ def _problem(prompt: str, answer: str | int, task: str, shapes: list[Shape]) -> 
                          meta={"task": task, "shapes": [s.as_dict() for s in shapes]})
 
 
-def generate(rng: np.random.Generator) -> VisualProblem:
-    task = str(rng.choice(TASKS))
+def generate(rng: np.random.Generator, tasks: tuple[str, ...] = TASKS) -> VisualProblem:
+    task = str(rng.choice(tasks))
     if task == "count":
         n = int(rng.integers(1, 7))
         shapes = _random_shapes(rng, [str(c) for c in rng.choice(COLOURS, size=n)])

@@ -49,13 +49,13 @@ def evaluate(terms: tuple[str, ...] | list[str]) -> int:
     return sum(sums)
 
 
-def _expression(rng: np.random.Generator, steps: int) -> tuple[str, ...]:
+def _expression(rng: np.random.Generator, steps: int, max_operand: int) -> tuple[str, ...]:
     while True:
         ops = [str(rng.choice(["+", "-", "*"])) for _ in range(steps)]
         nums = []
         for i in range(steps + 1):
             near_mul = (i > 0 and ops[i - 1] == "*") or (i < steps and ops[i] == "*")
-            hi = MAX_MUL_OPERAND if near_mul else MAX_ADD_OPERAND
+            hi = min(MAX_MUL_OPERAND, max_operand) if near_mul else max_operand
             nums.append(str(int(rng.integers(0, hi + 1))))
         terms = [nums[0]]
         for op, n in zip(ops, nums[1:]):
@@ -64,24 +64,25 @@ def _expression(rng: np.random.Generator, steps: int) -> tuple[str, ...]:
             return tuple(terms)
 
 
-def _word(rng: np.random.Generator, steps: int) -> tuple[str, tuple[str, ...]]:
+def _word(rng: np.random.Generator, steps: int, max_operand: int) -> tuple[str, tuple[str, ...]]:
     """A story with ``steps`` operations: + and -, optionally a product as the first one."""
+    small = min(MAX_MUL_OPERAND, max_operand)
     while True:
         name = str(rng.choice(NAMES))
         item = str(rng.choice(ITEMS))
         pron = "She" if name in ("Ann", "Cat", "Eve", "Zoe") else "He"
         if rng.random() < 0.3:
-            a, b = (int(x) for x in rng.integers(2, MAX_MUL_OPERAND + 1, size=2))
+            a, b = (int(x) for x in rng.integers(2, small + 1, size=2))
             parts = [f"{name} has {a} bags of {b} {item}."]
             terms = [str(a), "*", str(b)]
             changes = steps - 1  # the product is the first operation
         else:
-            a = int(rng.integers(1, MAX_ADD_OPERAND + 1))
+            a = int(rng.integers(1, max_operand + 1))
             parts = [f"{name} has {a} {item}."]
             terms = [str(a)]
             changes = steps
         for _ in range(changes):
-            n = int(rng.integers(1, 10))
+            n = int(rng.integers(1, small + 1))
             if rng.random() < 0.5:
                 parts.append(f"{pron} gets {n} more.")
                 terms += ["+", str(n)]
@@ -94,14 +95,15 @@ def _word(rng: np.random.Generator, steps: int) -> tuple[str, tuple[str, ...]]:
             return " ".join(parts), tuple(terms)
 
 
-def generate(rng: np.random.Generator, min_steps: int, max_steps: int, word_frac: float
-             ) -> TextProblem:
+def generate(rng: np.random.Generator, min_steps: int, max_steps: int, word_frac: float,
+             max_operand: int = MAX_ADD_OPERAND) -> TextProblem:
+    """``max_operand`` (>= 2) bounds every operand; products and story changes stay below 10."""
     steps = int(rng.integers(min_steps, max_steps + 1))
     if rng.random() < word_frac:
-        prompt, terms = _word(rng, steps)
+        prompt, terms = _word(rng, steps, max_operand)
         kind = "word"
     else:
-        terms = _expression(rng, steps)
+        terms = _expression(rng, steps, max_operand)
         prompt = " ".join(terms) + " ="
         kind = "expr"
     return TextProblem(prompt=prompt, answer=evaluate(terms), steps=steps, kind=kind, terms=terms)

@@ -73,8 +73,8 @@ def _problem(prompt: str, answer: str | int, task: str, tracks: list[list[Shape]
                          meta={"task": task, "frames": meta_frames})
 
 
-def generate(rng: np.random.Generator) -> VisualProblem:
-    task = str(rng.choice(TASKS))
+def generate(rng: np.random.Generator, tasks: tuple[str, ...] = TASKS) -> VisualProblem:
+    task = str(rng.choice(tasks))
     while True:
         if task == "direction":
             colour = str(rng.choice(COLOURS))

@@ -52,6 +52,11 @@ class ToySpec:
     """Operations per arithmetic problem are drawn uniformly from [min, max]."""
     text_word_frac: float = 0.3
     """Fraction of text problems phrased as word problems instead of expressions."""
+    text_max_operand: int = text_tasks.MAX_ADD_OPERAND
+    """Largest operand (2..99); 9 keeps every number a single digit (easier)."""
+    image_tasks: tuple[str, ...] = image_tasks.TASKS
+    """Question types drawn for the image domain (uniformly); a subset makes it easier."""
+    video_tasks: tuple[str, ...] = video_tasks.TASKS
 
     def dir_name(self) -> str:
         knobs = dataclasses.asdict(self)
@@ -77,6 +82,15 @@ class ToySpec:
         if not 0.0 <= self.text_word_frac <= 1.0:
             raise DataError(f"toy world: text_word_frac must be in [0, 1], got "
                             f"{self.text_word_frac}")
+        if not 2 <= self.text_max_operand <= 99:
+            raise DataError(f"toy world: text_max_operand must be in [2, 99], got "
+                            f"{self.text_max_operand}")
+        for field, known in (("image_tasks", image_tasks.TASKS),
+                             ("video_tasks", video_tasks.TASKS)):
+            chosen = getattr(self, field)
+            if not chosen or set(chosen) - set(known):
+                raise DataError(f"toy world: {field} must be a non-empty subset of "
+                                f"{list(known)}, got {list(chosen)}")
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,8 @@ def build_toy_world(
     ``knobs`` are the remaining :class:`ToySpec` fields (text difficulty). Safe to call from
     every rank at once: one builds, the others wait and reuse.
     """
+    # Lists (from YAML) and tuples name the same spec.
+    knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}
     try:
         spec = ToySpec(seed=seed, train_size=train_size, eval_size=eval_size, **knobs)
     except TypeError as e:
@@ -130,7 +146,8 @@ def build_toy_world(
 
 def _open(root: Path, spec: ToySpec) -> ToyWorld:
     manifest = json.loads((root / "manifest.json").read_text())
-    if manifest.get("version") != VERSION or manifest.get("spec") != dataclasses.asdict(spec):
+    expected = json.loads(json.dumps(dataclasses.asdict(spec)))  # tuples as JSON lists
+    if manifest.get("version") != VERSION or manifest.get("spec") != expected:
         raise DataError(f"{root / 'manifest.json'}: spec does not match the requested toy world "
                         f"{dataclasses.asdict(spec)}; delete {root} to rebuild it")
     return ToyWorld(root=root, spec=spec)
@@ -147,7 +164,7 @@ def _rng(spec: ToySpec, domain: str, split: str) -> np.random.Generator:
 def _text_item(spec: ToySpec) -> Callable[[np.random.Generator], dict]:
     def make(rng: np.random.Generator) -> dict:
         p = text_tasks.generate(rng, spec.text_min_steps, spec.text_max_steps,
-                                spec.text_word_frac)
+                                spec.text_word_frac, spec.text_max_operand)
         return {"prompt": p.prompt, "answer": str(p.answer), "reward": "numeric", "frames": (),
                 "meta": {"task": p.kind, "steps": p.steps, "terms": list(p.terms)}}
 
@@ -198,8 +215,8 @@ def _draw_split(make: Callable[[np.random.Generator], dict], rng: np.random.Gene
 def _generate(tmp: Path, spec: ToySpec) -> None:
     makers = {
         "text": _text_item(spec),
-        "image": _visual_item(image_tasks.generate),
-        "video": _visual_item(video_tasks.generate),
+        "image": _visual_item(lambda rng: image_tasks.generate(rng, spec.image_tasks)),
+        "video": _visual_item(lambda rng: video_tasks.generate(rng, spec.video_tasks)),
     }
     counts = {}
     for domain in DOMAINS:
