@@ -31,7 +31,9 @@ import numpy as np
 from PIL import Image
 
 from megatron_copd.data.cache import build_once
-from megatron_copd.data.toy import image_tasks, text_tasks, video_tasks
+from megatron_copd.data.toy import image_tasks as image_gen
+from megatron_copd.data.toy import text_tasks
+from megatron_copd.data.toy import video_tasks as video_gen
 from megatron_copd.errors import DataError
 
 VERSION = "toy-v1"
@@ -54,9 +56,10 @@ class ToySpec:
     """Fraction of text problems phrased as word problems instead of expressions."""
     text_max_operand: int = text_tasks.MAX_ADD_OPERAND
     """Largest operand (2..99); 9 keeps every number a single digit (easier)."""
-    image_tasks: tuple[str, ...] = image_tasks.TASKS
+    image_tasks: tuple[str, ...] = image_gen.TASKS
     """Question types drawn for the image domain (uniformly); a subset makes it easier."""
-    video_tasks: tuple[str, ...] = video_tasks.TASKS
+    video_tasks: tuple[str, ...] = video_gen.TASKS
+    """Question types drawn for the video domain."""
 
     def dir_name(self) -> str:
         knobs = dataclasses.asdict(self)
@@ -85,8 +88,8 @@ class ToySpec:
         if not 2 <= self.text_max_operand <= 99:
             raise DataError(f"toy world: text_max_operand must be in [2, 99], got "
                             f"{self.text_max_operand}")
-        for field, known in (("image_tasks", image_tasks.TASKS),
-                             ("video_tasks", video_tasks.TASKS)):
+        for field, known in (("image_tasks", image_gen.TASKS),
+                             ("video_tasks", video_gen.TASKS)):
             chosen = getattr(self, field)
             if not chosen or set(chosen) - set(known):
                 raise DataError(f"toy world: {field} must be a non-empty subset of "
@@ -129,7 +132,7 @@ def build_toy_world(
 ) -> ToyWorld:
     """Generate the toy world for ``seed`` under ``cache_dir`` unless it is cached; return it.
 
-    ``knobs`` are the remaining :class:`ToySpec` fields (text difficulty). Safe to call from
+    ``knobs`` are the remaining :class:`ToySpec` fields (difficulty). Safe to call from
     every rank at once: one builds, the others wait and reuse.
     """
     # Lists (from YAML) and tuples name the same spec.
@@ -171,7 +174,7 @@ def _text_item(spec: ToySpec) -> Callable[[np.random.Generator], dict]:
     return make
 
 
-def _visual_item(gen: Callable[[np.random.Generator], image_tasks.VisualProblem]
+def _visual_item(gen: Callable[[np.random.Generator], image_gen.VisualProblem]
                  ) -> Callable[[np.random.Generator], dict]:
     def make(rng: np.random.Generator) -> dict:
         p = gen(rng)
@@ -215,8 +218,8 @@ def _draw_split(make: Callable[[np.random.Generator], dict], rng: np.random.Gene
 def _generate(tmp: Path, spec: ToySpec) -> None:
     makers = {
         "text": _text_item(spec),
-        "image": _visual_item(lambda rng: image_tasks.generate(rng, spec.image_tasks)),
-        "video": _visual_item(lambda rng: video_tasks.generate(rng, spec.video_tasks)),
+        "image": _visual_item(lambda rng: image_gen.generate(rng, spec.image_tasks)),
+        "video": _visual_item(lambda rng: video_gen.generate(rng, spec.video_tasks)),
     }
     counts = {}
     for domain in DOMAINS:
