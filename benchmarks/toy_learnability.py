@@ -17,8 +17,8 @@ import tempfile
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from megatron_copd.config import VisionConfig
 from megatron_copd.data.prompting import encode_prompt, encode_response
@@ -26,8 +26,15 @@ from megatron_copd.data.toy import build_toy_tokenizer, build_toy_world
 
 
 class Probe(nn.Module):
-    def __init__(self, vocab: int, image_token: int, d: int = 128, layers: int = 4,
-                 vd: int = 64, max_len: int = 256) -> None:
+    def __init__(
+        self,
+        vocab: int,
+        image_token: int,
+        d: int = 128,
+        layers: int = 4,
+        vd: int = 64,
+        max_len: int = 256,
+    ) -> None:
         super().__init__()
         self.image_token = image_token
         self.emb = nn.Embedding(vocab, d)
@@ -35,10 +42,12 @@ class Probe(nn.Module):
         self.patch = nn.Conv2d(3, vd, 8, 8)
         self.vpos = nn.Parameter(torch.zeros(16, vd))
         self.vit = nn.TransformerEncoder(
-            nn.TransformerEncoderLayer(vd, 4, 128, 0.0, batch_first=True, norm_first=True), 2)
+            nn.TransformerEncoderLayer(vd, 4, 128, 0.0, batch_first=True, norm_first=True), 2
+        )
         self.proj = nn.Sequential(nn.Linear(vd, d), nn.GELU(), nn.Linear(d, d))
         self.lm = nn.TransformerEncoder(
-            nn.TransformerEncoderLayer(d, 4, 384, 0.0, batch_first=True, norm_first=True), layers)
+            nn.TransformerEncoderLayer(d, 4, 384, 0.0, batch_first=True, norm_first=True), layers
+        )
         self.norm = nn.LayerNorm(d)
         for e in (self.emb, self.pos):  # tied head: small init keeps the first logits sane
             nn.init.normal_(e.weight, std=0.02)
@@ -63,8 +72,8 @@ def batch(items, pad_id):
     ids = torch.full((len(items), t), pad_id)
     loss = torch.zeros((len(items), t), dtype=torch.bool)
     for b, ((p, r, _, _), s) in enumerate(zip(items, seqs)):
-        ids[b, t - len(s):] = torch.tensor(s)
-        loss[b, t - len(r):] = True
+        ids[b, t - len(s) :] = torch.tensor(s)
+        loss[b, t - len(r) :] = True
     pad = ids == pad_id
     pad[:, -1] = False
     pos = (~pad).long().cumsum(1).sub(1).clamp(min=0)
@@ -74,12 +83,13 @@ def batch(items, pad_id):
 
 @torch.no_grad()
 def greedy(model, items, tok, max_new=4):
-    out = [list() for _ in items]
+    out = [[] for _ in items]
     done = [False] * len(items)
     cur = [(p, [], x, m) for p, _, x, m in items]
     for _ in range(max_new):
-        ids, pos, pad, _, pix = batch([(p + o, [], x, m) for (p, _, x, m), o in zip(cur, out)],
-                                      tok.pad_id)
+        ids, pos, pad, _, pix = batch(
+            [(p + o, [], x, m) for (p, _, x, m), o in zip(cur, out)], tok.pad_id
+        )
         nxt = model(ids, pos, pad, pix)[:, -1].argmax(-1).tolist()
         for i, n in enumerate(nxt):
             if not done[i]:
@@ -114,8 +124,14 @@ def main() -> None:
             out = []
             for r in rows:
                 e = encode_prompt(r, tok, vision, 256, base_dir=base)
-                out.append((e.token_ids, encode_response(r["answer"], tok), e.pixels,
-                            (domain, r["meta"]["task"], r["answer"])))
+                out.append(
+                    (
+                        e.token_ids,
+                        encode_response(r["answer"], tok),
+                        e.pixels,
+                        (domain, r["meta"]["task"], r["answer"]),
+                    )
+                )
             return out
 
         train = {d: load(d, "train") for d in world.domains}
@@ -123,8 +139,10 @@ def main() -> None:
     model = Probe(tok.vocab_size, tok.image_token_id)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    print(f"probe: {n_params / 1e6:.2f} M parameters, "
-          f"{sum(len(v) for v in train.values())} train items")
+    print(
+        f"probe: {n_params / 1e6:.2f} M parameters, "
+        f"{sum(len(v) for v in train.values())} train items"
+    )
 
     def evaluate():
         model.eval()
@@ -132,7 +150,7 @@ def main() -> None:
         for d, items in evals.items():
             by = collections.defaultdict(lambda: [0, 0])
             for i in range(0, len(items), 100):
-                chunk = items[i:i + 100]
+                chunk = items[i : i + 100]
                 for pred, (_, _, _, (_, task, ans)) in zip(greedy(model, chunk, tok), chunk):
                     by[task][0] += pred == ans
                     by[task][1] += 1
@@ -147,22 +165,25 @@ def main() -> None:
         elapsed = (time.time() - start) / 60
         if elapsed >= next_report:
             r = evaluate()
-            print(f"[{elapsed:4.1f} min, step {step}, "
-                  f"{step / max(elapsed * 60, 1e-9):.2f} step/s, loss "
-                  f"{sum(losses[-50:]) / max(1, len(losses[-50:])):.3f}] "
-                  + "  ".join(f"{d} {a:.1%} {per}" for d, (a, per) in r.items()), flush=True)
+            print(
+                f"[{elapsed:4.1f} min, step {step}, "
+                f"{step / max(elapsed * 60, 1e-9):.2f} step/s, loss "
+                f"{sum(losses[-50:]) / max(1, len(losses[-50:])):.3f}] "
+                + "  ".join(f"{d} {a:.1%} {per}" for d, (a, per) in r.items()),
+                flush=True,
+            )
             next_report += args.minutes / args.reports
             if elapsed >= args.minutes:
                 break
         # One domain per batch: video prompts are ~4x longer than text, so mixing them would pad
         # every text row to video length.
         domain = world.domains[step % len(world.domains)]
-        ids, pos, pad, loss_mask, pix = batch(random.sample(train[domain], args.batch),
-                                              tok.pad_id)
+        ids, pos, pad, loss_mask, pix = batch(random.sample(train[domain], args.batch), tok.pad_id)
         logits = model(ids, pos, pad, pix)
         # Predict token t+1 from position t; only response tokens carry loss.
-        lp = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                             ids[:, 1:].reshape(-1), reduction="none")
+        lp = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+        )
         m = loss_mask[:, 1:].reshape(-1).float()
         loss = (lp * m).sum() / m.sum()
         opt.zero_grad()

@@ -22,10 +22,11 @@ def main() -> None:
     args = ap.parse_args()
 
     t0 = time.perf_counter()
+    import megatron.core.tokenizers  # noqa: F401  (imported by the tokenizer; timed apart)
+
     from megatron_copd.config import VisionConfig
     from megatron_copd.data.prompting import encode_prompt
     from megatron_copd.data.toy import build_toy_tokenizer, build_toy_world
-    import megatron.core.tokenizers  # noqa: F401  (imported by the tokenizer; timed apart)
 
     print(f"imports: {time.perf_counter() - t0:.2f} s")
     with tempfile.TemporaryDirectory() as cache:
@@ -41,18 +42,24 @@ def main() -> None:
         size = sum(p.stat().st_size for p in files)
         blocks = sum(p.stat().st_blocks * 512 for p in files)
         print(f"world {world.root.name}: train {args.train} / eval {args.eval} per domain")
-        print(f"  cold generation: {cold:.2f} s ({len(files)} files, {size / 2**20:.1f} MiB "
-              f"content, {blocks / 2**20:.1f} MiB on disk)")
-        print(f"  cache hit: median {statistics.median(hits) * 1e3:.3f} ms, "
-              f"max {max(hits) * 1e3:.3f} ms over {len(hits)} calls")
+        print(
+            f"  cold generation: {cold:.2f} s ({len(files)} files, {size / 2**20:.1f} MiB "
+            f"content, {blocks / 2**20:.1f} MiB on disk)"
+        )
+        print(
+            f"  cache hit: median {statistics.median(hits) * 1e3:.3f} ms, "
+            f"max {max(hits) * 1e3:.3f} ms over {len(hits)} calls"
+        )
 
         t = time.perf_counter()
         tok = build_toy_tokenizer(world)
         cold_tok = time.perf_counter() - t
         t = time.perf_counter()
         build_toy_tokenizer(world)
-        print(f"tokenizer: train {cold_tok:.2f} s, cache hit {(time.perf_counter() - t) * 1e3:.1f}"
-              f" ms, vocab {tok.vocab_size}")
+        print(
+            f"tokenizer: train {cold_tok:.2f} s, cache hit {(time.perf_counter() - t) * 1e3:.1f}"
+            f" ms, vocab {tok.vocab_size}"
+        )
 
         vision = VisionConfig()
         for domain in world.domains:
@@ -62,8 +69,10 @@ def main() -> None:
             enc = [encode_prompt(r, tok, vision, 256, base_dir=base) for r in rows]
             dt = time.perf_counter() - t
             lens = [len(e.token_ids) for e in enc]
-            print(f"encode {domain}: {len(rows) / dt:.0f} prompts/s, prompt tokens mean "
-                  f"{statistics.mean(lens):.1f} max {max(lens)}")
+            print(
+                f"encode {domain}: {len(rows) / dt:.0f} prompts/s, prompt tokens mean "
+                f"{statistics.mean(lens):.1f} max {max(lens)}"
+            )
     print(f"cpu cores: {os.cpu_count()}")
 
 

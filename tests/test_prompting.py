@@ -21,8 +21,7 @@ COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    world = build_toy_world(tmp_path_factory.mktemp("toy"), seed=4, train_size=100,
-                            eval_size=10)
+    world = build_toy_world(tmp_path_factory.mktemp("toy"), seed=4, train_size=100, eval_size=10)
     return build_toy_tokenizer(world)
 
 
@@ -39,7 +38,8 @@ def pics(tmp_path_factory):
 
 def _expected_pixel(rgb):
     return (torch.tensor(rgb) / 255.0 - torch.tensor(media.IMAGE_MEAN)) / torch.tensor(
-        media.IMAGE_STD)
+        media.IMAGE_STD
+    )
 
 
 def _colour_of(pixels):
@@ -47,8 +47,9 @@ def _colour_of(pixels):
     out = []
     for img in pixels:
         mean = img.mean(dim=(1, 2))
-        out.append(int(np.argmin([float((mean - _expected_pixel(c)).abs().sum())
-                                  for c in COLOURS])))
+        out.append(
+            int(np.argmin([float((mean - _expected_pixel(c)).abs().sum()) for c in COLOURS]))
+        )
     return out
 
 
@@ -74,8 +75,14 @@ def test_images_before_text_without_placeholder(tok, pics):
 def test_image_placeholders_in_place(tok, pics):
     e = encode_prompt(rec("left <image> middle <image> right", [pics[2], pics[0]]), tok, V, 160)
     img = tok.image_token_id
-    expected = ([tok.bos_id] + tok.encode("left ") + [img] * T + tok.encode(" middle ")
-                + [img] * T + tok.encode(" right"))
+    expected = (
+        [tok.bos_id]
+        + tok.encode("left ")
+        + [img] * T
+        + tok.encode(" middle ")
+        + [img] * T
+        + tok.encode(" right")
+    )
     assert e.token_ids == expected
     assert _colour_of(e.pixels) == [2, 0]
 
@@ -91,7 +98,7 @@ def test_video_frames_sampled_and_placed(tok, pics):
     e = encode_prompt(rec("<video> then <image>?", [pics[1]], pics[2:4]), tok, V, 200)
     assert _colour_of(e.pixels) == [2, 3, 1]
     ids = e.token_ids
-    assert ids[1:1 + 2 * T] == [tok.image_token_id] * (2 * T)
+    assert ids[1 : 1 + 2 * T] == [tok.image_token_id] * (2 * T)
     assert ids[1 + 2 * T] != tok.image_token_id
 
 
@@ -138,7 +145,8 @@ def test_collate_left_pads_and_orders_like_the_vlm(tok, pics):
     feats = torch.arange(b.pixels.shape[0]).repeat_interleave(T)
     emb = torch.full(b.tokens.t().shape, -1)
     emb[(b.tokens == tok.image_token_id).t()] = feats[
-        _placeholder_order(b.tokens, tok.image_token_id)]
+        _placeholder_order(b.tokens, tok.image_token_id)
+    ]
     per_sample = [emb[:, i][emb[:, i] >= 0].tolist() for i in range(3)]
     assert per_sample[0] == [0] * T + [1] * T
     assert per_sample[1] == []
@@ -171,31 +179,52 @@ def _err(fn, pattern):
 def test_errors(tok, pics, tmp_path):
     _err(lambda: encode_prompt(rec("   "), tok, V, 64), "prompt: expected non-empty text")
     _err(lambda: encode_prompt(rec(None), tok, V, 64), "prompt: expected non-empty text")
-    _err(lambda: encode_prompt(rec("How many shapes?", pics[:1]), tok, V, 10),
-         r"prompt: \d+ tokens \(incl. 16 image tokens\) exceed max_prompt_tokens=10")
-    _err(lambda: encode_prompt(rec("x " * 40), tok, None, 30),
-         r"prompt: \d+ tokens \(incl. 0 image tokens\) exceed max_prompt_tokens=30")
-    _err(lambda: encode_prompt(rec("<image> and <image>", pics[:1]), tok, V, 160),
-         r"prompt has 2 <image> placeholder\(s\) but the record has 1 image\(s\)")
-    _err(lambda: encode_prompt(rec("<image> only"), tok, V, 160),
-         r"prompt has 1 <image> placeholder\(s\) but the record has 0 image\(s\)")
-    _err(lambda: encode_prompt(rec("<image> and <video>", pics[:1]), tok, V, 160),
-         r"prompt has 1 <video> placeholder\(s\) but the record has no video")
-    _err(lambda: encode_prompt(rec("<image>", pics[:1], pics[:2]), tok, V, 160),
-         r"prompt has 0 <video> placeholder\(s\) but the record has a video")
-    _err(lambda: encode_prompt(rec("What?", pics[:1]), tok, None, 160),
-         r"has 1 image\(s\) but the model has no vision encoder")
+    _err(
+        lambda: encode_prompt(rec("How many shapes?", pics[:1]), tok, V, 10),
+        r"prompt: \d+ tokens \(incl. 16 image tokens\) exceed max_prompt_tokens=10",
+    )
+    _err(
+        lambda: encode_prompt(rec("x " * 40), tok, None, 30),
+        r"prompt: \d+ tokens \(incl. 0 image tokens\) exceed max_prompt_tokens=30",
+    )
+    _err(
+        lambda: encode_prompt(rec("<image> and <image>", pics[:1]), tok, V, 160),
+        r"prompt has 2 <image> placeholder\(s\) but the record has 1 image\(s\)",
+    )
+    _err(
+        lambda: encode_prompt(rec("<image> only"), tok, V, 160),
+        r"prompt has 1 <image> placeholder\(s\) but the record has 0 image\(s\)",
+    )
+    _err(
+        lambda: encode_prompt(rec("<image> and <video>", pics[:1]), tok, V, 160),
+        r"prompt has 1 <video> placeholder\(s\) but the record has no video",
+    )
+    _err(
+        lambda: encode_prompt(rec("<image>", pics[:1], pics[:2]), tok, V, 160),
+        r"prompt has 0 <video> placeholder\(s\) but the record has a video",
+    )
+    _err(
+        lambda: encode_prompt(rec("What?", pics[:1]), tok, None, 160),
+        r"has 1 image\(s\) but the model has no vision encoder",
+    )
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png at all")
-    _err(lambda: encode_prompt(rec("What?", [str(bad)]), tok, V, 160),
-         r"images\[0\]: .*bad.png: cannot read image")
-    _err(lambda: encode_prompt(rec("What?", [pics[0], str(tmp_path / "gone.png")]), tok, V,
-                               160),
-         r"images\[1\]: .*gone.png: image file not found")
-    _err(lambda: encode_prompt(rec("Way?", video=[pics[0], str(bad)]), tok, V, 160),
-         r"video: .*bad.png: cannot read image")
-    _err(lambda: encode_prompt(rec("Way?", video=str(tmp_path / "clip.mp4")), tok, V, 160),
-         "video: .*clip.mp4: video file not found")
+    _err(
+        lambda: encode_prompt(rec("What?", [str(bad)]), tok, V, 160),
+        r"images\[0\]: .*bad.png: cannot read image",
+    )
+    _err(
+        lambda: encode_prompt(rec("What?", [pics[0], str(tmp_path / "gone.png")]), tok, V, 160),
+        r"images\[1\]: .*gone.png: image file not found",
+    )
+    _err(
+        lambda: encode_prompt(rec("Way?", video=[pics[0], str(bad)]), tok, V, 160),
+        r"video: .*bad.png: cannot read image",
+    )
+    _err(
+        lambda: encode_prompt(rec("Way?", video=str(tmp_path / "clip.mp4")), tok, V, 160),
+        "video: .*clip.mp4: video file not found",
+    )
 
 
 def test_tokenizer_specific_errors(tok, pics, tmp_path):
@@ -203,13 +232,18 @@ def test_tokenizer_specific_errors(tok, pics, tmp_path):
 
     from megatron_copd.data.tokenizer import Tokenizer
 
-    no_img = Tokenizer.load(_hf_dir(tmp_path / "a", ["<unk>", "<|im_end|>"], image_token=None,
-                                    pad=None))
-    _err(lambda: encode_prompt(rec("What?", pics[:1]), no_img, V, 160),
-         "has images but the tokenizer has no image placeholder token")
+    no_img = Tokenizer.load(
+        _hf_dir(tmp_path / "a", ["<unk>", "<|im_end|>"], image_token=None, pad=None)
+    )
+    _err(
+        lambda: encode_prompt(rec("What?", pics[:1]), no_img, V, 160),
+        "has images but the tokenizer has no image placeholder token",
+    )
     qwen = Tokenizer.load(_hf_dir(tmp_path / "b", ["<unk>", "<|im_end|>", "<|image_pad|>"]))
-    _err(lambda: encode_prompt(rec("sneaky <|image_pad|>", pics[:1]), qwen, V, 160),
-         r"prompt: contains the tokenizer's image token '<\|image_pad\|>' as text")
+    _err(
+        lambda: encode_prompt(rec("sneaky <|image_pad|>", pics[:1]), qwen, V, 160),
+        r"prompt: contains the tokenizer's image token '<\|image_pad\|>' as text",
+    )
     e = encode_prompt(rec("<image> ok", pics[:1]), qwen, V, 160)
     assert e.token_ids[:T] == [qwen.image_token_id] * T  # no BOS for this tokenizer
 
@@ -218,8 +252,10 @@ def test_video_file_needs_pyav(tok, tmp_path, monkeypatch):
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(b"\x00" * 16)
     monkeypatch.setitem(sys.modules, "av", None)  # makes `import av` fail
-    _err(lambda: encode_prompt(rec("Way?", video=str(clip)), tok, V, 160),
-         r"video: .*clip.mp4: decoding video files needs PyAV; install the multimodal extra")
+    _err(
+        lambda: encode_prompt(rec("Way?", video=str(clip)), tok, V, 160),
+        r"video: .*clip.mp4: decoding video files needs PyAV; install the multimodal extra",
+    )
 
 
 def test_video_file_decoded_with_pyav(tok, tmp_path):
@@ -240,5 +276,7 @@ def test_video_file_decoded_with_pyav(tok, tmp_path):
     assert _colour_of(e.pixels) == [0, 2, 3, 5]
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"\x00" * 64)
-    _err(lambda: encode_prompt(rec("Way?", video=str(broken)), tok, V, 160),
-         "video: .*broken.mp4: cannot decode video")
+    _err(
+        lambda: encode_prompt(rec("Way?", video=str(broken)), tok, V, 160),
+        "video: .*broken.mp4: cannot decode video",
+    )

@@ -112,12 +112,16 @@ def _hf_dir(path, special, image_token="<|image_pad|>", pad="<|endoftext|>"):
     raw.decoder = decoders.ByteLevel()
     raw.train_from_iterator(
         TEXTS * 20,
-        trainers.BpeTrainer(vocab_size=320, special_tokens=special,
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+        trainers.BpeTrainer(
+            vocab_size=320,
+            special_tokens=special,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
     )
     extra = {"additional_special_tokens": [image_token]} if image_token else {}
-    hf = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token=pad,
-                                 unk_token="<unk>", **extra)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=raw, eos_token="<|im_end|>", pad_token=pad, unk_token="<unk>", **extra
+    )
     hf.save_pretrained(str(path))
     return path
 

@@ -13,10 +13,11 @@ import pytest
 from PIL import Image
 
 from megatron_copd.data import cache
-from megatron_copd.data.toy import build_toy_world, world as world_mod
+from megatron_copd.data.toy import build_toy_world
+from megatron_copd.data.toy import world as world_mod
 from megatron_copd.errors import DataError
 
-SMALL = dict(train_size=60, eval_size=45)
+SMALL = {"train_size": 60, "eval_size": 45}
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,11 @@ def world(tmp_path_factory):
 
 
 def _tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_layout_and_schema(world):
@@ -39,8 +43,16 @@ def test_layout_and_schema(world):
             assert len(rows) == m["counts"][d][s]
             assert len({r["id"] for r in rows}) == len(rows)
             for r in rows:
-                assert set(r) == {"id", "domain", "prompt", "answer", "images", "video",
-                                  "reward", "meta"}
+                assert set(r) == {
+                    "id",
+                    "domain",
+                    "prompt",
+                    "answer",
+                    "images",
+                    "video",
+                    "reward",
+                    "meta",
+                }
                 assert r["domain"] == d and r["prompt"] and r["answer"]
                 assert r["reward"] == ("numeric" if r["answer"].isdigit() else "exact")
                 if d == "text":
@@ -68,7 +80,8 @@ def test_same_seed_gives_identical_files(world, tmp_path):
     assert _tree(again.root) == _tree(world.root)
     other = build_toy_world(tmp_path, seed=12, **SMALL)
     assert (other.root / "text/train.jsonl").read_bytes() != (
-        world.root / "text/train.jsonl").read_bytes()
+        world.root / "text/train.jsonl"
+    ).read_bytes()
 
 
 def test_cache_hit_does_not_regenerate(world, monkeypatch):
@@ -103,8 +116,9 @@ def test_concurrent_builders_share_one_world(tmp_path):
     assert len(set(roots)) == 1
     leftovers = [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
     assert leftovers == []
-    assert _tree(Path(roots[0])) == _tree(build_toy_world(tmp_path / "ref", seed=5,
-                                                          train_size=30, eval_size=20).root)
+    assert _tree(Path(roots[0])) == _tree(
+        build_toy_world(tmp_path / "ref", seed=5, train_size=30, eval_size=20).root
+    )
 
 
 def test_build_once_rename_race_and_failure(tmp_path):
@@ -146,8 +160,9 @@ def test_bad_specs(tmp_path):
     with pytest.raises(DataError, match="unexpected keyword argument 'colours'"):
         build_toy_world(tmp_path, seed=1, colours=3)
     with pytest.raises(DataError, match="could only draw .* distinct text/eval items"):
-        build_toy_world(tmp_path, seed=1, train_size=5, eval_size=900, text_max_steps=1,
-                        text_word_frac=0.0)
+        build_toy_world(
+            tmp_path, seed=1, train_size=5, eval_size=900, text_max_steps=1, text_word_frac=0.0
+        )
     assert not [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
 
 
@@ -192,33 +207,64 @@ def test_text_answers(world):
 
 
 def test_text_difficulty_knob(tmp_path):
-    w = build_toy_world(tmp_path, seed=2, train_size=40, eval_size=20, text_min_steps=1,
-                        text_max_steps=1)
-    ops = [len(re.findall(r" [+*-] |gets|loses|bags", r["prompt"]))
-           for r in w.iter_rows("text", "train")]
+    w = build_toy_world(
+        tmp_path, seed=2, train_size=40, eval_size=20, text_min_steps=1, text_max_steps=1
+    )
+    ops = [
+        len(re.findall(r" [+*-] |gets|loses|bags", r["prompt"]))
+        for r in w.iter_rows("text", "train")
+    ]
     assert set(ops) == {1}
-    w3 = build_toy_world(tmp_path, seed=2, train_size=40, eval_size=20, text_min_steps=3,
-                         text_max_steps=3, text_word_frac=0.0)
+    w3 = build_toy_world(
+        tmp_path,
+        seed=2,
+        train_size=40,
+        eval_size=20,
+        text_min_steps=3,
+        text_max_steps=3,
+        text_word_frac=0.0,
+    )
     assert all(len(r["prompt"].split()) == 8 for r in w3.iter_rows("text", "train"))
     easy = build_toy_world(tmp_path, seed=2, train_size=40, eval_size=20, text_max_operand=9)
-    numbers = [int(n) for d in ("train", "eval") for r in easy.iter_rows("text", d)
-               for n in re.findall(r"\d+", r["prompt"])]
+    numbers = [
+        int(n)
+        for d in ("train", "eval")
+        for r in easy.iter_rows("text", d)
+        for n in re.findall(r"\d+", r["prompt"])
+    ]
     assert max(numbers) <= 9
 
 
 def test_task_subsets(tmp_path):
     # Lists (as from YAML) are accepted and name the same world as tuples.
-    w = build_toy_world(tmp_path, seed=2, train_size=30, eval_size=10,
-                        image_tasks=["majority"], video_tasks=("direction", "mover"))
+    w = build_toy_world(
+        tmp_path,
+        seed=2,
+        train_size=30,
+        eval_size=10,
+        image_tasks=["majority"],
+        video_tasks=("direction", "mover"),
+    )
     assert {r["meta"]["task"] for r in w.iter_rows("image", "train")} == {"majority"}
     assert {r["meta"]["task"] for r in w.iter_rows("video", "train")} == {"direction", "mover"}
-    again = build_toy_world(tmp_path, seed=2, train_size=30, eval_size=10,
-                            image_tasks=("majority",), video_tasks=["direction", "mover"])
+    again = build_toy_world(
+        tmp_path,
+        seed=2,
+        train_size=30,
+        eval_size=10,
+        image_tasks=("majority",),
+        video_tasks=["direction", "mover"],
+    )
     assert again.root == w.root
 
 
-PALETTE = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235),
-           "yellow": (230, 210, 40), "white": (245, 245, 245)}
+PALETTE = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 90, 235),
+    "yellow": (230, 210, 40),
+    "white": (245, 245, 245),
+}
 
 
 def _blobs(img: np.ndarray) -> list[dict]:
@@ -246,8 +292,15 @@ def _blobs(img: np.ndarray) -> list[dict]:
         colours = {names[cls[y, x]] for y, x in pix}
         assert len(colours) == 1, "a blob mixes colours: shapes touch"
         box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-        out.append({"colour": colours.pop(), "area": len(pix), "square": box == len(pix),
-                    "cy": ys.mean(), "cx": xs.mean()})
+        out.append(
+            {
+                "colour": colours.pop(),
+                "area": len(pix),
+                "square": box == len(pix),
+                "cy": ys.mean(),
+                "cx": xs.mean(),
+            }
+        )
     return out
 
 
@@ -287,9 +340,11 @@ def _solve_video(prompt: str, frames: list[list[dict]]) -> str:
     # Track each colour's centroid from the first to the last frame.
     first = {b["colour"]: b for b in frames[0]}
     last = {b["colour"]: b for b in frames[-1]}
-    moved = {c: (last[c]["cx"] - first[c]["cx"], last[c]["cy"] - first[c]["cy"])
-             for c in first if abs(last[c]["cx"] - first[c]["cx"]) + abs(
-                 last[c]["cy"] - first[c]["cy"]) > 0}
+    moved = {
+        c: (last[c]["cx"] - first[c]["cx"], last[c]["cy"] - first[c]["cy"])
+        for c in first
+        if abs(last[c]["cx"] - first[c]["cx"]) + abs(last[c]["cy"] - first[c]["cy"]) > 0
+    }
     assert len(moved) == 1
     colour, (dx, dy) = next(iter(moved.items()))
     if prompt == "What colour is the moving square?":
@@ -305,8 +360,10 @@ def test_video_answers(world):
     tasks = set()
     for s in ("train", "eval"):
         for r in world.iter_rows("video", s):
-            frames = [_blobs(np.asarray(Image.open(world.path("video", s).parent / rel)))
-                      for rel in r["video"]]
+            frames = [
+                _blobs(np.asarray(Image.open(world.path("video", s).parent / rel)))
+                for rel in r["video"]
+            ]
             assert _solve_video(r["prompt"], frames) == r["answer"], r
             tasks.add(r["meta"]["task"])
     assert tasks == {"direction", "flashes", "mover"}

@@ -30,8 +30,7 @@ def to_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.BICUBIC)
     arr = np.asarray(image, dtype=np.float32) / 255.0  # [H, W, 3]
-    arr = (arr - np.asarray(IMAGE_MEAN, dtype=np.float32)) / np.asarray(IMAGE_STD,
-                                                                          dtype=np.float32)
+    arr = (arr - np.asarray(IMAGE_MEAN, dtype=np.float32)) / np.asarray(IMAGE_STD, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
@@ -54,8 +53,12 @@ def sample_frame_indices(n_frames: int, max_frames: int) -> list[int]:
     return [int(i) for i in np.linspace(0, n_frames - 1, max_frames).round()]
 
 
-def load_video(video: list[str] | str, image_size: int, max_frames: int,
-               base_dir: str | os.PathLike | None = None) -> torch.Tensor:
+def load_video(
+    video: list[str] | str,
+    image_size: int,
+    max_frames: int,
+    base_dir: str | os.PathLike | None = None,
+) -> torch.Tensor:
     """Frame files or a video file -> ``[n, 3, image_size, image_size]``, n <= max_frames."""
     if isinstance(video, str):
         frames = _decode_video_file(_resolve(video, base_dir), image_size, max_frames)
@@ -75,17 +78,20 @@ def _decode_video_file(path: Path, image_size: int, max_frames: int) -> list[Ima
     try:
         import av
     except ImportError:
-        raise DataError(f"{path}: decoding video files needs PyAV; {MULTIMODAL_HINT} "
-                        f"(or give the video as a list of frame images)") from None
+        raise DataError(
+            f"{path}: decoding video files needs PyAV; {MULTIMODAL_HINT} "
+            f"(or give the video as a list of frame images)"
+        ) from None
     if not path.is_file():
         raise DataError(f"{path}: video file not found")
     try:
         with av.open(str(path)) as container:
             # Shrink while decoding so a long video never holds full-size frames in memory.
-            frames = [f.to_image().convert("RGB").resize((image_size, image_size),
-                                                         Image.BICUBIC)
-                      for f in container.decode(video=0)]
-    except Exception as e:  # PyAV raises many error types (FFmpegError, ValueError, ...)
+            frames = [
+                f.to_image().convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+                for f in container.decode(video=0)
+            ]
+    except (av.FFmpegError, ValueError, OSError) as e:
         raise DataError(f"{path}: cannot decode video: {e}") from None
     if not frames:
         raise DataError(f"{path}: video has no frames")

@@ -98,25 +98,33 @@ def encode_prompt(
     n_video_ph = parts.count(VIDEO_PLACEHOLDER)
     if n_image_ph or n_video_ph:
         if n_image_ph != len(images):
-            raise fail(f"prompt has {n_image_ph} {IMAGE_PLACEHOLDER} placeholder(s) but the "
-                       f"record has {len(images)} image(s)")
+            raise fail(
+                f"prompt has {n_image_ph} {IMAGE_PLACEHOLDER} placeholder(s) but the "
+                f"record has {len(images)} image(s)"
+            )
         if n_video_ph != (1 if video else 0):
-            raise fail(f"prompt has {n_video_ph} {VIDEO_PLACEHOLDER} placeholder(s) but the "
-                       f"record has {'a video' if video else 'no video'}")
+            raise fail(
+                f"prompt has {n_video_ph} {VIDEO_PLACEHOLDER} placeholder(s) but the "
+                f"record has {'a video' if video else 'no video'}"
+            )
     else:
-        parts = [IMAGE_PLACEHOLDER] * len(images) + ([VIDEO_PLACEHOLDER] if video else []) + [
-            prompt]
+        parts = (
+            [IMAGE_PLACEHOLDER] * len(images) + ([VIDEO_PLACEHOLDER] if video else []) + [prompt]
+        )
     if (images or video) and vision is None:
-        raise fail(f"has {len(images)} image(s){' and a video' if video else ''} but the model "
-                   f"has no vision encoder (model.vision is null)")
+        raise fail(
+            f"has {len(images)} image(s){' and a video' if video else ''} but the model "
+            f"has no vision encoder (model.vision is null)"
+        )
     if (images or video) and tokenizer.image_token_id is None:
         raise fail("has images but the tokenizer has no image placeholder token")
 
     # Video files must be decoded to know their frame count; frame lists are sampled lazily.
     video_pixels = None
     if isinstance(video, str):
-        video_pixels = _load(fail, "video", lambda: media.load_video(
-            video, vision.image_size, vision.max_frames, base_dir))
+        video_pixels = _load(
+            fail, "video", media.load_video, video, vision.image_size, vision.max_frames, base_dir
+        )
         n_frames = video_pixels.shape[0]
     elif video:
         n_frames = len(media.sample_frame_indices(len(video), vision.max_frames))
@@ -135,13 +143,17 @@ def encode_prompt(
         elif part:
             text_ids = tokenizer.encode(part)
             if tokenizer.image_token_id is not None and tokenizer.image_token_id in text_ids:
-                raise fail(f"prompt: contains the tokenizer's image token "
-                           f"{tokenizer.image_token!r} as text; use {IMAGE_PLACEHOLDER}")
+                raise fail(
+                    f"prompt: contains the tokenizer's image token "
+                    f"{tokenizer.image_token!r} as text; use {IMAGE_PLACEHOLDER}"
+                )
             ids += text_ids
     if len(ids) > max_prompt_tokens:
         n_visual = (len(images) + n_frames) * (vision.tokens_per_image if vision else 0)
-        raise fail(f"prompt: {len(ids)} tokens (incl. {n_visual} image tokens) exceed "
-                   f"max_prompt_tokens={max_prompt_tokens}")
+        raise fail(
+            f"prompt: {len(ids)} tokens (incl. {n_visual} image tokens) exceed "
+            f"max_prompt_tokens={max_prompt_tokens}"
+        )
 
     pictures: list[torch.Tensor] = []
     next_image = 0
@@ -149,21 +161,34 @@ def encode_prompt(
         if kind == "image":
             i = next_image
             next_image += 1
-            path = media._resolve(images[i], base_dir)
-            pictures.append(_load(fail, f"images[{i}]",
-                                  lambda: media.load_image(path, vision.image_size))[None])
+            pictures.append(
+                _load(
+                    fail,
+                    f"images[{i}]",
+                    media.load_image,
+                    media._resolve(images[i], base_dir),
+                    vision.image_size,
+                )[None]
+            )
         else:
             if video_pixels is None:
-                video_pixels = _load(fail, "video", lambda: media.load_video(
-                    video, vision.image_size, vision.max_frames, base_dir))
+                video_pixels = _load(
+                    fail,
+                    "video",
+                    media.load_video,
+                    video,
+                    vision.image_size,
+                    vision.max_frames,
+                    base_dir,
+                )
             pictures.append(video_pixels)
     pixels = torch.cat(pictures) if pictures else None
     return EncodedPrompt(token_ids=ids, pixels=pixels, record=record)
 
 
-def _load(fail, field: str, fn):
+def _load(fail, field: str, fn, *args):
     try:
-        return fn()
+        return fn(*args)
     except DataError as e:
         raise fail(f"{field}: {e}") from None
 
@@ -181,7 +206,7 @@ def collate(prompts: Sequence[EncodedPrompt], pad_id: int) -> PromptBatch:
     t = max(lengths)
     tokens = torch.full((len(prompts), t), pad_id, dtype=torch.long)
     for b, p in enumerate(prompts):
-        tokens[b, t - len(p.token_ids):] = torch.tensor(p.token_ids, dtype=torch.long)
+        tokens[b, t - len(p.token_ids) :] = torch.tensor(p.token_ids, dtype=torch.long)
     pics = [p.pixels for p in prompts if p.pixels is not None and p.pixels.shape[0] > 0]
     return PromptBatch(
         tokens=tokens,

@@ -88,8 +88,9 @@ class Tokenizer:
     # -- construction --------------------------------------------------------------------------
 
     @classmethod
-    def from_sentencepiece(cls, model_file: str | os.PathLike,
-                           image_token: str | None = DEFAULT_IMAGE_TOKEN) -> Tokenizer:
+    def from_sentencepiece(
+        cls, model_file: str | os.PathLike, image_token: str | None = DEFAULT_IMAGE_TOKEN
+    ) -> Tokenizer:
         """Wrap a SentencePiece ``.model`` file (megatron metadata is passed inline)."""
         from megatron.core.tokenizers import MegatronTokenizer
 
@@ -125,7 +126,8 @@ class Tokenizer:
         if library == "huggingface":
             try:
                 backend = MegatronTokenizer.from_pretrained(
-                    tokenizer_path=str(d), metadata_path={"library": "huggingface"},
+                    tokenizer_path=str(d),
+                    metadata_path={"library": "huggingface"},
                     include_special_tokens=False,
                 )
             except (ValueError, OSError) as e:
@@ -134,8 +136,10 @@ class Tokenizer:
                 vocab = backend._tokenizer.tokenizer.get_vocab()
                 image_token = next((t for t in _IMAGE_TOKEN_CANDIDATES if t in vocab), None)
             return cls(backend, library, image_token)
-        raise DataError(f"{d}: tokenizer library {library!r} is not supported; expected "
-                        f"'sentencepiece' or 'huggingface'")
+        raise DataError(
+            f"{d}: tokenizer library {library!r} is not supported; expected "
+            f"'sentencepiece' or 'huggingface'"
+        )
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write a directory :meth:`load` reads back (files replaced atomically one by one)."""
@@ -149,7 +153,8 @@ class Tokenizer:
             tmp_meta = d / ".tokenizer_metadata.json.tmp"
             tmp_meta.unlink(missing_ok=True)
             MegatronTokenizer.write_metadata(
-                tokenizer_path=str(d / SP_MODEL_FILE), tokenizer_library="sentencepiece",
+                tokenizer_path=str(d / SP_MODEL_FILE),
+                tokenizer_library="sentencepiece",
                 metadata_path=str(tmp_meta),
             )
             os.replace(tmp_meta, d / "tokenizer_metadata.json")
@@ -160,8 +165,10 @@ class Tokenizer:
         return d
 
     def __repr__(self) -> str:
-        return (f"Tokenizer({self.library}, vocab_size={self.vocab_size}, bos={self.bos_id}, "
-                f"eos={self.eos_id}, pad={self.pad_id}, image={self.image_token_id})")
+        return (
+            f"Tokenizer({self.library}, vocab_size={self.vocab_size}, bos={self.bos_id}, "
+            f"eos={self.eos_id}, pad={self.pad_id}, image={self.image_token_id})"
+        )
 
 
 def _read_info(d: Path) -> dict:
@@ -182,8 +189,10 @@ def _read_info(d: Path) -> dict:
         return info
     if any((d / f).is_file() for f in _HF_FILES):
         return {"library": "huggingface"}
-    raise DataError(f"{d}: not a tokenizer directory (expected {COPD_FILE}, "
-                    f"tokenizer_metadata.json or Hugging Face tokenizer files)")
+    raise DataError(
+        f"{d}: not a tokenizer directory (expected {COPD_FILE}, "
+        f"tokenizer_metadata.json or Hugging Face tokenizer files)"
+    )
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:

@@ -8,7 +8,7 @@ exact pixel values.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -39,18 +39,24 @@ class Shape:
 
     def mask(self, canvas: int = CANVAS) -> np.ndarray:
         out = np.zeros((canvas, canvas), dtype=bool)
-        out[self.y:self.y + self.size, self.x:self.x + self.size] = self.local_mask()
+        out[self.y : self.y + self.size, self.x : self.x + self.size] = self.local_mask()
         return out
 
     def area(self) -> int:
         return int(self.local_mask().sum())
 
     def as_dict(self) -> dict:
-        return {"kind": self.kind, "colour": self.colour, "x": self.x, "y": self.y,
-                "size": self.size, "shade": self.shade}
+        return {
+            "kind": self.kind,
+            "colour": self.colour,
+            "x": self.x,
+            "y": self.y,
+            "size": self.size,
+            "shade": self.shade,
+        }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _footprint(kind: str, size: int) -> np.ndarray:
     if kind == "square":
         fp = np.ones((size, size), dtype=bool)
@@ -76,5 +82,5 @@ def render(shapes: list[Shape] | tuple[Shape, ...], canvas: int = CANVAS) -> np.
         value = np.clip(np.array(rgb(s.colour), dtype=np.int16) + s.shade, 0, 255)
         if s.x < 0 or s.y < 0 or s.x + s.size > canvas or s.y + s.size > canvas:
             raise ValueError(f"shape outside the {canvas}x{canvas} canvas: {s}")
-        img[s.y:s.y + s.size, s.x:s.x + s.size][s.local_mask()] = value.astype(np.uint8)
+        img[s.y : s.y + s.size, s.x : s.x + s.size][s.local_mask()] = value.astype(np.uint8)
     return img

@@ -33,32 +33,46 @@ class VisualProblem:
     meta: dict
 
 
-def _shape_in_cell(rng: np.random.Generator, cell: int, kind: str, colour: str,
-                   size: int | None = None) -> Shape:
+def _shape_in_cell(
+    rng: np.random.Generator, cell: int, kind: str, colour: str, size: int | None = None
+) -> Shape:
     size = int(rng.integers(3, 7)) if size is None else size
     cy, cx = divmod(cell, GRID)
     # Keep one pixel of margin inside the cell: neighbours are >= 2 pixels apart.
     ox, oy = (int(v) for v in rng.integers(1, CELL - size, size=2))
-    return Shape(kind=kind, colour=colour, x=cx * CELL + ox, y=cy * CELL + oy, size=size,
-                 shade=int(rng.integers(-20, 21)))
+    return Shape(
+        kind=kind,
+        colour=colour,
+        x=cx * CELL + ox,
+        y=cy * CELL + oy,
+        size=size,
+        shade=int(rng.integers(-20, 21)),
+    )
 
 
 def _cells(rng: np.random.Generator, n: int) -> list[int]:
     return [int(c) for c in rng.choice(GRID * GRID, size=n, replace=False)]
 
 
-def _random_shapes(rng: np.random.Generator, colours: list[str], kinds: list[str] | None = None
-                   ) -> list[Shape]:
+def _random_shapes(
+    rng: np.random.Generator, colours: list[str], kinds: list[str] | None = None
+) -> list[Shape]:
     kinds = kinds or [str(rng.choice(KINDS)) for _ in colours]
-    return [_shape_in_cell(rng, c, k, col) for c, k, col in zip(_cells(rng, len(colours)), kinds,
-                                                                 colours)]
+    return [
+        _shape_in_cell(rng, c, k, col)
+        for c, k, col in zip(_cells(rng, len(colours)), kinds, colours)
+    ]
 
 
 def _problem(prompt: str, answer: str | int, task: str, shapes: list[Shape]) -> VisualProblem:
     reward = "numeric" if isinstance(answer, int) else "exact"
-    return VisualProblem(prompt=prompt, answer=str(answer), reward=reward,
-                         frames=(render(shapes),),
-                         meta={"task": task, "shapes": [s.as_dict() for s in shapes]})
+    return VisualProblem(
+        prompt=prompt,
+        answer=str(answer),
+        reward=reward,
+        frames=(render(shapes),),
+        meta={"task": task, "shapes": [s.as_dict() for s in shapes]},
+    )
 
 
 def generate(rng: np.random.Generator, tasks: tuple[str, ...] = TASKS) -> VisualProblem:
@@ -93,8 +107,7 @@ def generate(rng: np.random.Generator, tasks: tuple[str, ...] = TASKS) -> Visual
         colours = [c for c, m in zip(COLOURS, counts) for _ in range(int(m))]
         colours = [colours[i] for i in rng.permutation(len(colours))]
         shapes = _random_shapes(rng, colours)
-        return _problem("Which colour is most common?", COLOURS[int(counts.argmax())], task,
-                        shapes)
+        return _problem("Which colour is most common?", COLOURS[int(counts.argmax())], task, shapes)
     # biggest: distinct colours, one shape clearly larger in area than every other.
     n = int(rng.integers(2, 5))
     while True:
@@ -102,8 +115,9 @@ def generate(rng: np.random.Generator, tasks: tuple[str, ...] = TASKS) -> Visual
         cells = _cells(rng, n)
         kinds = [str(rng.choice(KINDS)) for _ in range(n)]
         sizes = [int(s) for s in rng.integers(3, 7, size=n)]
-        shapes = [_shape_in_cell(rng, c, k, col, s)
-                  for c, k, col, s in zip(cells, kinds, colours, sizes)]
+        shapes = [
+            _shape_in_cell(rng, c, k, col, s) for c, k, col, s in zip(cells, kinds, colours, sizes)
+        ]
         areas = sorted((s.area(), s.colour) for s in shapes)
         if areas[-1][0] >= 1.25 * areas[-2][0]:
             return _problem("What colour is the biggest shape?", areas[-1][1], task, shapes)

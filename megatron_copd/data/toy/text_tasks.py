@@ -95,8 +95,13 @@ def _word(rng: np.random.Generator, steps: int, max_operand: int) -> tuple[str, 
             return " ".join(parts), tuple(terms)
 
 
-def generate(rng: np.random.Generator, min_steps: int, max_steps: int, word_frac: float,
-             max_operand: int = MAX_ADD_OPERAND) -> TextProblem:
+def generate(
+    rng: np.random.Generator,
+    min_steps: int,
+    max_steps: int,
+    word_frac: float,
+    max_operand: int = MAX_ADD_OPERAND,
+) -> TextProblem:
     """``max_operand`` (>= 2) bounds every operand; products and story changes stay below 10."""
     steps = int(rng.integers(min_steps, max_steps + 1))
     if rng.random() < word_frac:

@@ -23,8 +23,12 @@ DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 
 def _apart(a: Shape, b: Shape, gap: int = 2) -> bool:
-    return (a.x + a.size + gap <= b.x or b.x + b.size + gap <= a.x
-            or a.y + a.size + gap <= b.y or b.y + b.size + gap <= a.y)
+    return (
+        a.x + a.size + gap <= b.x
+        or b.x + b.size + gap <= a.x
+        or a.y + a.size + gap <= b.y
+        or b.y + b.size + gap <= a.y
+    )
 
 
 def _moving(rng: np.random.Generator, colour: str, direction: str) -> list[Shape]:
@@ -37,8 +41,10 @@ def _moving(rng: np.random.Generator, colour: str, direction: str) -> list[Shape
     lo_y, hi_y = (travel if dy < 0 else 0), CANVAS - size - (travel if dy > 0 else 0)
     x0, y0 = int(rng.integers(lo_x, hi_x + 1)), int(rng.integers(lo_y, hi_y + 1))
     shade = int(rng.integers(-20, 21))
-    return [Shape("square", colour, x0 + dx * speed * t, y0 + dy * speed * t, size, shade)
-            for t in range(N_FRAMES)]
+    return [
+        Shape("square", colour, x0 + dx * speed * t, y0 + dy * speed * t, size, shade)
+        for t in range(N_FRAMES)
+    ]
 
 
 def _static(rng: np.random.Generator, colour: str, kind: str | None = None) -> Shape:
@@ -47,8 +53,9 @@ def _static(rng: np.random.Generator, colour: str, kind: str | None = None) -> S
     return Shape(kind or str(rng.choice(KINDS)), colour, x, y, size, int(rng.integers(-20, 21)))
 
 
-def _place_statics(rng: np.random.Generator, tracks: list[list[Shape]], colours: list[str],
-                   kind: str | None = None) -> list[list[Shape]] | None:
+def _place_statics(
+    rng: np.random.Generator, tracks: list[list[Shape]], colours: list[str], kind: str | None = None
+) -> list[list[Shape]] | None:
     """Add a static shape per colour that stays clear of every track in every frame."""
     for colour in colours:
         for _ in range(50):
@@ -61,16 +68,26 @@ def _place_statics(rng: np.random.Generator, tracks: list[list[Shape]], colours:
     return tracks
 
 
-def _problem(prompt: str, answer: str | int, task: str, tracks: list[list[Shape]],
-             visible: list[list[bool]] | None = None) -> VisualProblem:
+def _problem(
+    prompt: str,
+    answer: str | int,
+    task: str,
+    tracks: list[list[Shape]],
+    visible: list[list[bool]] | None = None,
+) -> VisualProblem:
     frames, meta_frames = [], []
     for f in range(N_FRAMES):
         shapes = [t[f] for i, t in enumerate(tracks) if visible is None or visible[i][f]]
         frames.append(render(shapes))
         meta_frames.append([s.as_dict() for s in shapes])
     reward = "numeric" if isinstance(answer, int) else "exact"
-    return VisualProblem(prompt=prompt, answer=str(answer), reward=reward, frames=tuple(frames),
-                         meta={"task": task, "frames": meta_frames})
+    return VisualProblem(
+        prompt=prompt,
+        answer=str(answer),
+        reward=reward,
+        frames=tuple(frames),
+        meta={"task": task, "frames": meta_frames},
+    )
 
 
 def generate(rng: np.random.Generator, tasks: tuple[str, ...] = TASKS) -> VisualProblem:
@@ -84,8 +101,9 @@ def generate(rng: np.random.Generator, tasks: tuple[str, ...] = TASKS) -> Visual
             distractors = [str(c) for c in rng.choice(others, size=n_static, replace=False)]
             tracks = _place_statics(rng, [_moving(rng, colour, direction)], distractors)
             if tracks is not None:
-                return _problem(f"Which way does the {colour} square move?", direction, task,
-                                tracks)
+                return _problem(
+                    f"Which way does the {colour} square move?", direction, task, tracks
+                )
         elif task == "flashes":
             light = _static(rng, "white", "square")
             k = int(rng.integers(0, N_FRAMES + 1))

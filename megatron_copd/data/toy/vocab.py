@@ -24,8 +24,10 @@ def train_sentencepiece(texts: list[str], vocab_size: int = DEFAULT_VOCAB_SIZE) 
     import sentencepiece as spm
 
     if vocab_size < 300:
-        raise DataError(f"tokenizer vocab_size: {vocab_size} is too small; byte fallback needs "
-                        f">= 300 (256 byte pieces + specials + merges)")
+        raise DataError(
+            f"tokenizer vocab_size: {vocab_size} is too small; byte fallback needs "
+            f">= 300 (256 byte pieces + specials + merges)"
+        )
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
@@ -51,8 +53,12 @@ def train_sentencepiece(texts: list[str], vocab_size: int = DEFAULT_VOCAB_SIZE) 
 
 def corpus(world: ToyWorld) -> list[str]:
     """Prompts and answers of every domain's train split (eval text never shapes the vocab)."""
-    return [row[k] for d in world.domains for row in world.iter_rows(d, "train")
-            for k in ("prompt", "answer")]
+    return [
+        row[k]
+        for d in world.domains
+        for row in world.iter_rows(d, "train")
+        for k in ("prompt", "answer")
+    ]
 
 
 def build_toy_tokenizer(world: ToyWorld, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:

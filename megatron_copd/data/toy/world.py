@@ -83,17 +83,20 @@ class ToySpec:
                 f"{self.text_min_steps} and {self.text_max_steps}"
             )
         if not 0.0 <= self.text_word_frac <= 1.0:
-            raise DataError(f"toy world: text_word_frac must be in [0, 1], got "
-                            f"{self.text_word_frac}")
+            raise DataError(
+                f"toy world: text_word_frac must be in [0, 1], got {self.text_word_frac}"
+            )
         if not 2 <= self.text_max_operand <= 99:
-            raise DataError(f"toy world: text_max_operand must be in [2, 99], got "
-                            f"{self.text_max_operand}")
-        for field, known in (("image_tasks", image_gen.TASKS),
-                             ("video_tasks", video_gen.TASKS)):
+            raise DataError(
+                f"toy world: text_max_operand must be in [2, 99], got {self.text_max_operand}"
+            )
+        for field, known in (("image_tasks", image_gen.TASKS), ("video_tasks", video_gen.TASKS)):
             chosen = getattr(self, field)
             if not chosen or set(chosen) - set(known):
-                raise DataError(f"toy world: {field} must be a non-empty subset of "
-                                f"{list(known)}, got {list(chosen)}")
+                raise DataError(
+                    f"toy world: {field} must be a non-empty subset of "
+                    f"{list(known)}, got {list(chosen)}"
+                )
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,10 @@ class ToyWorld:
     def path(self, domain: str, split: str) -> Path:
         """The JSONL file of one domain and split (``split`` is "train" or "eval")."""
         if domain not in DOMAINS or split not in SPLITS:
-            raise DataError(f"toy world: unknown domain/split {domain!r}/{split!r}; expected a "
-                            f"domain in {list(DOMAINS)} and a split in {list(SPLITS)}")
+            raise DataError(
+                f"toy world: unknown domain/split {domain!r}/{split!r}; expected a "
+                f"domain in {list(DOMAINS)} and a split in {list(SPLITS)}"
+            )
         return self.root / domain / f"{split}.jsonl"
 
     @property
@@ -151,8 +156,10 @@ def _open(root: Path, spec: ToySpec) -> ToyWorld:
     manifest = json.loads((root / "manifest.json").read_text())
     expected = json.loads(json.dumps(dataclasses.asdict(spec)))  # tuples as JSON lists
     if manifest.get("version") != VERSION or manifest.get("spec") != expected:
-        raise DataError(f"{root / 'manifest.json'}: spec does not match the requested toy world "
-                        f"{dataclasses.asdict(spec)}; delete {root} to rebuild it")
+        raise DataError(
+            f"{root / 'manifest.json'}: spec does not match the requested toy world "
+            f"{dataclasses.asdict(spec)}; delete {root} to rebuild it"
+        )
     return ToyWorld(root=root, spec=spec)
 
 
@@ -166,20 +173,36 @@ def _rng(spec: ToySpec, domain: str, split: str) -> np.random.Generator:
 
 def _text_item(spec: ToySpec) -> Callable[[np.random.Generator], dict]:
     def make(rng: np.random.Generator) -> dict:
-        p = text_tasks.generate(rng, spec.text_min_steps, spec.text_max_steps,
-                                spec.text_word_frac, spec.text_max_operand)
-        return {"prompt": p.prompt, "answer": str(p.answer), "reward": "numeric", "frames": (),
-                "meta": {"task": p.kind, "steps": p.steps, "terms": list(p.terms)}}
+        p = text_tasks.generate(
+            rng,
+            spec.text_min_steps,
+            spec.text_max_steps,
+            spec.text_word_frac,
+            spec.text_max_operand,
+        )
+        return {
+            "prompt": p.prompt,
+            "answer": str(p.answer),
+            "reward": "numeric",
+            "frames": (),
+            "meta": {"task": p.kind, "steps": p.steps, "terms": list(p.terms)},
+        }
 
     return make
 
 
-def _visual_item(gen: Callable[[np.random.Generator], image_gen.VisualProblem]
-                 ) -> Callable[[np.random.Generator], dict]:
+def _visual_item(
+    gen: Callable[[np.random.Generator], image_gen.VisualProblem],
+) -> Callable[[np.random.Generator], dict]:
     def make(rng: np.random.Generator) -> dict:
         p = gen(rng)
-        return {"prompt": p.prompt, "answer": p.answer, "reward": p.reward, "frames": p.frames,
-                "meta": p.meta}
+        return {
+            "prompt": p.prompt,
+            "answer": p.answer,
+            "reward": p.reward,
+            "frames": p.frames,
+            "meta": p.meta,
+        }
 
     return make
 
@@ -194,8 +217,14 @@ def _key(item: dict) -> str:
     return h.hexdigest()
 
 
-def _draw_split(make: Callable[[np.random.Generator], dict], rng: np.random.Generator, n: int,
-                exclude: set[str], unique: bool, what: str) -> list[dict]:
+def _draw_split(
+    make: Callable[[np.random.Generator], dict],
+    rng: np.random.Generator,
+    n: int,
+    exclude: set[str],
+    unique: bool,
+    what: str,
+) -> list[dict]:
     items: list[dict] = []
     seen: set[str] = set()
     attempts = 0
@@ -224,16 +253,32 @@ def _generate(tmp: Path, spec: ToySpec) -> None:
     counts = {}
     for domain in DOMAINS:
         # Eval first and unique, so train can exclude it; train may repeat an easy problem.
-        evals = _draw_split(makers[domain], _rng(spec, domain, "eval"), spec.eval_size,
-                            set(), True, f"{domain}/eval")
+        evals = _draw_split(
+            makers[domain],
+            _rng(spec, domain, "eval"),
+            spec.eval_size,
+            set(),
+            True,
+            f"{domain}/eval",
+        )
         eval_keys = {_key(i) for i in evals}
-        trains = _draw_split(makers[domain], _rng(spec, domain, "train"), spec.train_size,
-                             eval_keys, False, f"{domain}/train")
+        trains = _draw_split(
+            makers[domain],
+            _rng(spec, domain, "train"),
+            spec.train_size,
+            eval_keys,
+            False,
+            f"{domain}/train",
+        )
         for split, items in (("eval", evals), ("train", trains)):
             _write_split(tmp / domain, domain, split, items)
             counts.setdefault(domain, {})[split] = len(items)
-    manifest = {"version": VERSION, "spec": dataclasses.asdict(spec), "counts": counts,
-                "files": {d: {s: f"{d}/{s}.jsonl" for s in SPLITS} for d in DOMAINS}}
+    manifest = {
+        "version": VERSION,
+        "spec": dataclasses.asdict(spec),
+        "counts": counts,
+        "files": {d: {s: f"{d}/{s}.jsonl" for s in SPLITS} for d in DOMAINS},
+    }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
