@@ -19,7 +19,7 @@ def tiny_config(tp: int = 1, pp: int = 1, vision: bool = False, max_len: int = 1
     model = {
         "vocab_size": VOCAB,
         "hidden_size": 64,
-        "num_layers": 2 * pp if pp > 1 else 2,
+        "num_layers": 2,
         "num_attention_heads": 4,
         "num_query_groups": 2,
         "ffn_hidden_size": 128,
@@ -63,3 +63,28 @@ def prompts_for(seed: int, n: int, lo: int = 3, hi: int = 12, vocab: int = VOCAB
         length = int(torch.randint(lo, hi + 1, (1,), generator=gen))
         out.append(torch.randint(6, vocab, (length,), generator=gen).tolist())
     return out
+
+
+def copy_stage_weights(dst, src, pp_rank: int, pp_size: int, num_layers: int = 2) -> None:
+    """Load this pipeline stage ``dst`` from a full (PP=1) model ``src`` of the same TP layout.
+
+    (A checkpoint round trip would do too, but megatron's tied-embedding sharded state dict at
+    PP > 1 reads the global parallel_state, which this project never initialises.)
+    """
+    import re
+
+    per_stage = num_layers // pp_size
+    src_sd = src.state_dict()
+    dst_sd = dst.state_dict()
+    for name, tensor in dst_sd.items():
+        if "_extra_state" in name:
+            continue
+        key = re.sub(
+            r"decoder\.layers\.(\d+)\.",
+            lambda m: f"decoder.layers.{int(m.group(1)) + pp_rank * per_stage}.",
+            name,
+        )
+        if key not in src_sd and key.endswith("output_layer.weight"):
+            key = key.replace("output_layer.weight", "embedding.word_embeddings.weight")
+        with torch.no_grad():
+            tensor.copy_(src_sd[key])
