@@ -256,7 +256,6 @@ def generate(
                 g,
                 params,
                 pad_id,
-                facts.vocab_size,
             )
             tokens[rows], lengths[rows], logprobs[rows], sampling_lps[rows], finished[rows] = out
     return Rollout(
@@ -280,7 +279,6 @@ def _generate_batch(
     g: int,
     params: SamplingParams,
     pad_id: int,
-    vocab_size: int,
 ):
     """One KV batch: prefill the prompts once, copy each to its ``g`` rows, decode."""
     device, stage = decoder.device, decoder.stage
@@ -305,11 +303,10 @@ def _generate_batch(
     lengths = torch.full((b,), r, dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     stop_ids = torch.tensor(params.stop_ids, dtype=torch.long, device=device)
-    vocab_ids = torch.arange(vocab_size, device=device)
     shared = torch.empty(b, 3, dtype=torch.float64, device=device)
     for t in range(r):
         if stage.is_last:
-            y, lp, slp = choose_tokens(logits, params, sample_ids, t, vocab_ids)
+            y, lp, slp = choose_tokens(logits, params, sample_ids, t)
         if stage.size > 1:
             # token ids are exact in float64: one broadcast carries all three
             if stage.is_last:

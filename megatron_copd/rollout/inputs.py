@@ -88,6 +88,19 @@ def check_context(prompt_lens: list[int], extra: int, facts: ModelFacts, what: s
             )
 
 
+def check_sequence_lengths(
+    prompt_lens: list[int], response_lens: list[int], facts: ModelFacts
+) -> None:
+    """Every prompt + response must fit the model's context."""
+    limit = facts.max_sequence_length
+    for i, (p, r) in enumerate(zip(prompt_lens, response_lens)):
+        if p + r > limit:
+            raise DataError(
+                f"sequence {i}: {p} prompt + {r} response tokens = {p + r} exceeds the model "
+                f"context (model.max_sequence_length = {limit})"
+            )
+
+
 def images_per_sequence(
     seqs: list[list[int]], pixels: torch.Tensor | None, facts: ModelFacts, what: str
 ) -> list[int]:
@@ -98,7 +111,7 @@ def images_per_sequence(
         raise DataError(f"pixels: expected [n_images, 3, H, W], got shape {list(pixels.shape)}")
     if facts.tokens_per_image is None:
         if n_given:
-            raise DataError(f"pixels: {n_given} images given to a text-only model")
+            raise DataError(f"pixels: {n_given} image(s) given to a text-only model")
         return [0] * len(seqs)
     tpi = facts.tokens_per_image
     counts = []
@@ -112,7 +125,7 @@ def images_per_sequence(
         counts.append(slots // tpi)
     if sum(counts) != n_given:
         raise DataError(
-            f"pixels: {n_given} images given but the {what}s hold placeholders for "
+            f"pixels: {n_given} image(s) given but the {what}s hold placeholders for "
             f"{sum(counts)} images ({tpi} tokens each)"
         )
     return counts

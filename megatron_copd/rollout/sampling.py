@@ -1,10 +1,10 @@
 """Token choice from full-vocabulary logits: temperature, top-k, top-p, greedy; pure functions.
 
-Randomness comes from a counter-based hash of ``(seed, sample id, step, vocab id)`` instead of a
-stateful generator, and a token is drawn by the Gumbel-max trick. So a sample's tokens depend only
-on its seed, its id and the model — not on how samples are batched, sorted or micro-batched, nor
-on the TP/PP layout — and every TP rank draws the same token from the same (gathered) logits
-without any extra communication.
+Randomness comes from a counter-based hash of ``(seed, sample id, step)`` instead of a stateful
+generator: one uniform per sample and step, turned into a token by inverting the CDF of the
+sampling distribution. So a sample's tokens depend only on its seed, its id and the model — not on
+how samples are batched, sorted or micro-batched, nor on the TP/PP layout — and every TP rank
+draws the same token from the same (gathered) logits without any extra communication.
 
 Log-probs returned for a sampled token ``y``:
 
@@ -86,22 +86,19 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def gumbel_noise(
-    seed: int, sample_ids: torch.Tensor, step: int, vocab_ids: torch.Tensor
-) -> torch.Tensor:
-    """Standard Gumbel noise ``[B, V]`` for ``sample_ids [B]`` and ``vocab_ids [V]`` (float32)."""
+def uniforms(seed: int, sample_ids: torch.Tensor, step: int) -> torch.Tensor:
+    """One uniform in (0, 1) per sample, float64 with 53 random bits, from (seed, id, step)."""
     k1 = _fmix32_int((seed & _M32) ^ 0x9E3779B9)
-    row = _fmix32(_fmix32(sample_ids.long() & _M32 ^ k1) ^ (step & _M32))  # [B]
-    h = _fmix32(_fmix32(row[:, None] ^ vocab_ids[None, :]) ^ k1)
-    # 24 random bits -> uniform in (0, 1), exactly representable in float32.
-    u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
-    return -torch.log(-torch.log(u))
+    h1 = _fmix32(_fmix32((sample_ids.long() & _M32) ^ k1) ^ (step & _M32))
+    h2 = _fmix32(h1 ^ 0x68E31DA4)
+    bits = ((h1 >> 11) << 32) | h2  # 21 + 32 = 53 bits
+    return (bits.double() + 0.5) * 2.0**-53
 
 
 def truncate_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature-scaled logits with banned ids, top-k and top-p applied (-inf outside)."""
     x = logits.float()
-    if not params.greedy:
+    if not params.greedy and params.temperature != 1.0:
         x = x / params.temperature
     neg_inf = torch.finfo(x.dtype).min
     if params.banned_ids:
@@ -126,20 +123,26 @@ def choose_tokens(
     params: SamplingParams,
     sample_ids: torch.Tensor,
     step: int,
-    vocab_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pick one token per row of full-vocabulary ``logits [B, V]``.
 
+    Sampling inverts the CDF of ``q`` (in float64) at the sample's uniform: one random number per
+    row, so the cost is a softmax and a cumulative sum.
     Returns ``(tokens [B] int64, logprob [B], sampling_logprob [B])`` — see the module docstring.
     """
-    x = truncate_logits(logits, params)
+    raw = logits.float()
+    x = truncate_logits(raw, params)
     if params.greedy:
         tokens = x.argmax(dim=-1)
         sampling_lp = torch.zeros(tokens.shape, dtype=torch.float32, device=x.device)
     else:
-        if vocab_ids is None:
-            vocab_ids = torch.arange(x.shape[-1], device=x.device)
-        tokens = (x + gumbel_noise(params.seed, sample_ids, step, vocab_ids)).argmax(dim=-1)
-        sampling_lp = torch.log_softmax(x, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-    logprob = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+        log_q = torch.log_softmax(x, dim=-1)
+        cdf = log_q.double().exp_().cumsum_(dim=-1)
+        u = uniforms(params.seed, sample_ids, step).to(cdf.device) * cdf[:, -1]
+        tokens = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1)
+        tokens.clamp_(max=x.shape[-1] - 1)
+        sampling_lp = log_q.gather(-1, tokens[:, None]).squeeze(-1)
+        if x is raw:  # temperature 1, nothing truncated: q is the policy
+            return tokens, sampling_lp, sampling_lp
+    logprob = torch.log_softmax(raw, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, logprob, sampling_lp

@@ -196,8 +196,8 @@ def score_responses(
         )
     inputs.check_tokens(prompt_lists, facts, "prompt")
     inputs.check_tokens(response_lists, facts, "response", allow_image_tokens=False)
-    inputs.check_context(
-        [len(p) + len(r) for p, r in zip(prompt_lists, response_lists)], 0, facts, "sequence"
+    inputs.check_sequence_lengths(
+        [len(p) for p in prompt_lists], [len(r) for r in response_lists], facts
     )
     counts = inputs.images_per_sequence(prompt_lists, pixels, facts, "prompt")
     if not any(response_lists):
