@@ -101,16 +101,22 @@ def _ids_dtype(vocab_size: int) -> torch.dtype:
 class _Transfer:
     """Collects one phase's point-to-point ops, then posts them together and waits."""
 
-    def __init__(self, group: dist.ProcessGroup) -> None:
+    def __init__(self, group: dist.ProcessGroup, stats: dict[str, int] | None) -> None:
         self.group = group
+        self.stats = stats if stats is not None else {}
         self.ops: list[dist.P2POp] = []
+
+    def _count(self, key: str, tensor: torch.Tensor) -> None:
+        self.stats[key] = self.stats.get(key, 0) + tensor.numel() * tensor.element_size()
 
     def send(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
         if tensor.numel():
+            self._count("bytes_sent", tensor)
             self.ops.append(dist.P2POp(dist.isend, tensor.contiguous(), peer, self.group, tag))
 
     def recv(self, tensor: torch.Tensor, peer: int, tag: int) -> torch.Tensor:
         if tensor.numel():
+            self._count("bytes_received", tensor)
             self.ops.append(dist.P2POp(dist.irecv, tensor, peer, self.group, tag))
         return tensor
 
@@ -222,6 +228,7 @@ def score_edges(
     spec: ScoreSpec = ScoreSpec(topk=10, entropy=False),
     micro_batch_size: int = 16,
     pad_id: int = 0,
+    stats: dict[str, int] | None = None,
 ) -> dict[Edge, TeacherScores]:
     """Serve every edge: send my branch's rollouts to my teachers' matching ranks, score the
     rollouts my students sent me with ``model`` (this branch's current weights), and return the
@@ -231,7 +238,8 @@ def score_edges(
     scored (``Edge(student, teacher)`` keys; every rank of the branch passes the same ones).
     Returns ``{edge: TeacherScores}`` for those edges on the student's last pipeline stage (where
     the loss is computed; every TP rank there gets them) and ``{}`` on other stages.
-    Collective over the world.
+    Collective over the world. ``stats``, if given, accumulates this rank's cross-branch
+    ``bytes_sent`` / ``bytes_received``.
     """
     edge_list = normalize_edges(edges, groups)
     me = groups.branch
@@ -261,7 +269,7 @@ def score_edges(
     outgoing = {e: _Request.from_rollout(keyed[e], device) for e in as_student}
     incoming: dict[Edge, _Request] = {}
     if is_tp0:
-        ph = _Transfer(cross)
+        ph = _Transfer(cross, stats)
         for e in as_student:
             ph.send(outgoing[e].header, groups.peer(e.teacher), tag(e, 0))
         for e in as_teacher:
@@ -312,7 +320,7 @@ def score_edges(
     received: dict[Edge, dict[str, torch.Tensor]] = {}
     if last:
         if is_tp0:
-            ph = _Transfer(cross)
+            ph = _Transfer(cross, stats)
             for e in as_teacher:
                 for i, t in enumerate(replies[e].values()):
                     ph.send(t, groups.peer(e.student), tag(e, 3) * 8 + i)

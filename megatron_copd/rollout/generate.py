@@ -27,8 +27,7 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.inference.utils import InferenceMode
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer.utils import set_model_to_sequence_parallel
-from megatron.core.utils import get_model_config, unwrap_model
+from megatron.core.utils import unwrap_model
 
 from megatron_copd.errors import DataError
 from megatron_copd.rollout import inputs, layout
@@ -76,23 +75,39 @@ class Rollout:
         )
 
 
+_SP_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
+
+
+@contextlib.contextmanager
+def _sequence_parallel_off(model):
+    """Switch sequence parallelism off in every module (and config) that has it, then restore
+    each attribute's own value (megatron's ``set_model_to_sequence_parallel`` sets them all to
+    one value and expects a bare GPTModel)."""
+    saved = []
+    for module in model.modules():
+        for obj in (module, getattr(module, "config", None)):
+            for attr in _SP_ATTRS:
+                if obj is not None and getattr(obj, attr, False) is True:
+                    saved.append((obj, attr))
+                    setattr(obj, attr, False)
+    try:
+        yield
+    finally:
+        for obj, attr in saved:
+            setattr(obj, attr, True)
+
+
 @contextlib.contextmanager
 def inference_forward(model):
     """Eval mode, no autograd, megatron's InferenceMode and no sequence parallelism (a one-token
     step cannot be split over TP); everything is restored on exit."""
     inner = unwrap_model(model)
     was_training = inner.training
-    config = get_model_config(model)
-    sequence_parallel = config.sequence_parallel
     inner.eval()
-    if sequence_parallel:
-        set_model_to_sequence_parallel(inner, False)
     try:
-        with torch.no_grad(), InferenceMode.active():
+        with _sequence_parallel_off(inner), torch.no_grad(), InferenceMode.active():
             yield
     finally:
-        if sequence_parallel:
-            set_model_to_sequence_parallel(inner, True)
         inner.train(was_training)
 
 

@@ -61,7 +61,7 @@ def token_stats(
     lse = vp.logsumexp(logits, tp_group)
     out = {"logprobs": vp.target_logits(logits, targets, tp_group) - lse}
     if spec.entropy:
-        out["entropy"] = vp.entropy(logits, tp_group, lse=lse)
+        out["entropy"] = vp.entropy(logits, tp_group)
     if spec.topk:
         ids, lps = vp.topk(logits, spec.topk, tp_group, lse=lse)
         out["topk_ids"] = ids

@@ -10,8 +10,9 @@ Each tensor-parallel rank holds the logits of one contiguous vocabulary shard,
 * top-k: local top-k, all-gather of the ``k`` candidates of every shard, top-k again.
 
 The SUM all-reduces are megatron's ``reduce_from_tensor_model_parallel_region`` (forward:
-all-reduce, backward: identity), which is the right gradient because the loss built from these
-values is replicated on every TP rank. So :func:`token_logprobs` and :func:`entropy` are
+all-reduce, backward: identity). That is the exact gradient as long as every value computed
+after a reduction is replicated (the loss is the same on every TP rank) — never feed a reduced
+value back into per-shard terms. So :func:`token_logprobs` and :func:`entropy` are
 differentiable and give each rank the exact gradient of its own shard — the training loss uses
 them directly. ``tp_group=None`` (or a group of size 1) means the logits are the full vocabulary.
 
@@ -37,12 +38,18 @@ def _sum(x: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
     return reduce_from_tensor_model_parallel_region(x, group=tp_group)
 
 
-def logsumexp(logits: torch.Tensor, tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """``[..., V/tp]`` -> ``[...]``: log-sum-exp over the whole vocabulary (differentiable)."""
-    x = logits.float()
+def _shift(x: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Global max over the vocabulary: a constant shift for stable exponentials (no gradient)."""
     shift = x.detach().amax(dim=-1)
     if _tp(tp_group)[0] > 1:
         dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=tp_group)
+    return shift
+
+
+def logsumexp(logits: torch.Tensor, tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``[..., V/tp]`` -> ``[...]``: log-sum-exp over the whole vocabulary (differentiable)."""
+    x = logits.float()
+    shift = _shift(x, tp_group)
     sum_exp = _sum(torch.exp(x - shift.unsqueeze(-1)).sum(dim=-1), tp_group)
     return shift + torch.log(sum_exp)
 
@@ -70,16 +77,21 @@ def token_logprobs(
     return target_logits(logits, targets, tp_group) - logsumexp(logits, tp_group)
 
 
-def entropy(
-    logits: torch.Tensor,
-    tp_group: dist.ProcessGroup | None = None,
-    lse: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Entropy of ``softmax(logits)`` over the full vocabulary, ``[...]`` (differentiable)."""
+def entropy(logits: torch.Tensor, tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` over the full vocabulary, ``[...]`` (differentiable).
+
+    ``H = log S0 - S1 / S0`` with ``S0 = sum exp(x - c)``, ``S1 = sum exp(x - c) x`` (``c`` the
+    shift). Only the two vocabulary sums cross the TP group, and everything after them is
+    replicated, so the identity backward of the sums is exact. (Writing it as
+    ``lse - sum(p * x)`` with a shared ``lse`` inside the per-shard terms would drop the other
+    shards' share of the gradient through ``lse``.)
+    """
     x = logits.float()
-    lse = logsumexp(logits, tp_group) if lse is None else lse
-    p = torch.exp(x - lse.unsqueeze(-1))
-    return lse - _sum((p * x).sum(dim=-1), tp_group)
+    shift = _shift(x, tp_group).unsqueeze(-1)
+    e = torch.exp(x - shift)
+    s0 = _sum(e.sum(dim=-1), tp_group)
+    s1 = _sum((e * (x - shift)).sum(dim=-1), tp_group)
+    return torch.log(s0) - s1 / s0
 
 
 @torch.no_grad()
