@@ -193,6 +193,7 @@ def build_model(
         vision_projection=projection,
         image_token_id=image_token_id,
         pg_collection=pgs,
+        tokens_per_image=m.vision.tokens_per_image if m.vision is not None else None,
     )
     # Some megatron modules (CLIPViTModel) keep no `tp_group`; their sharded_state_dict then
     # falls back to the global parallel_state, which this project never initialises.
