@@ -27,6 +27,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 class CopdModel(MegatronModule):
     """Language model with an optional vision encoder; forward mirrors GPTModel.forward."""
 
+    fp8_inference: bool = False
+    """Rollout/scoring forwards in FP8 (precision.fp8_rollout); see models.precision."""
+
     def __init__(
         self,
         config: TransformerConfig,

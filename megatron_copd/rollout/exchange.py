@@ -42,6 +42,7 @@ from megatron_copd.rollout import inputs, layout
 from megatron_copd.rollout.generate import Rollout, model_device
 from megatron_copd.rollout.scoring import ScoreSpec, score_packed
 from megatron_copd.runtime.branches import BranchGroups
+from megatron_copd.runtime.distributed import batch_p2p
 
 _HEADER = 8  # n_prompts, n_samples, n_prompt_tokens, n_response_tokens, n_images, H, W, dtype
 _PIXEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -121,9 +122,9 @@ class _Transfer:
         return tensor
 
     def run(self) -> None:
-        if self.ops:
-            for work in dist.batch_isend_irecv(self.ops):
-                work.wait()
+        # batch_p2p stages CUDA tensors through host memory when the backend is gloo (ranks
+        # sharing a GPU); with NCCL it is batch_isend_irecv + wait.
+        batch_p2p(self.ops)
         self.ops = []
 
 

@@ -30,6 +30,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import unwrap_model
 
 from megatron_copd.errors import DataError
+from megatron_copd.models.precision import inference_precision
 from megatron_copd.rollout import inputs, layout
 from megatron_copd.rollout.pipeline import PipelineStage
 from megatron_copd.rollout.sampling import SamplingParams, choose_tokens
@@ -99,13 +100,19 @@ def _sequence_parallel_off(model):
 
 @contextlib.contextmanager
 def inference_forward(model):
-    """Eval mode, no autograd, megatron's InferenceMode and no sequence parallelism (a one-token
-    step cannot be split over TP); everything is restored on exit."""
+    """Eval mode, no autograd, megatron's InferenceMode, no sequence parallelism (a one-token
+    step cannot be split over TP) and the rollout precision (BF16 unless precision.fp8_rollout,
+    see models.precision); everything is restored on exit."""
     inner = unwrap_model(model)
     was_training = inner.training
     inner.eval()
     try:
-        with _sequence_parallel_off(inner), torch.no_grad(), InferenceMode.active():
+        with (
+            _sequence_parallel_off(inner),
+            torch.no_grad(),
+            InferenceMode.active(),
+            inference_precision(inner),
+        ):
             yield
     finally:
         inner.train(was_training)

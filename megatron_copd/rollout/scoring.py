@@ -23,6 +23,7 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_model_config, unwrap_model
 
+from megatron_copd.models.precision import inference_precision, inference_width_multiple
 from megatron_copd.rollout import inputs, layout
 from megatron_copd.rollout import vocab_parallel as vp
 from megatron_copd.rollout.generate import model_device
@@ -72,11 +73,12 @@ def token_stats(
 
 @contextlib.contextmanager
 def _eval_no_grad(model):
+    """Eval mode, no autograd, the rollout precision (BF16 unless precision.fp8_rollout)."""
     inner = unwrap_model(model)
     was_training = inner.training
     inner.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), inference_precision(inner):
             yield
     finally:
         inner.train(was_training)
@@ -122,9 +124,9 @@ def score_packed(
     # Fixed pipeline shapes: every micro-batch has mb rows and the same width.
     mb = max(1, min(micro_batch_size, n))
     num_mb = math.ceil(n / mb)
-    width = t
-    if config.sequence_parallel:
-        width = math.ceil(t / tp_group.size()) * tp_group.size()
+    # Sequence parallelism splits the width over TP; FP8 scoring needs aligned GEMM rows.
+    multiple = inference_width_multiple(model, tp_group.size())
+    width = math.ceil(t / multiple) * multiple
     tokens = torch.zeros(num_mb * mb, width, dtype=torch.long, device=device)
     valid = torch.zeros(num_mb * mb, width, dtype=torch.bool, device=device)
     tokens[:n, :t] = batch.tokens
