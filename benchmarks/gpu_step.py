@@ -33,14 +33,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Qwen3 decoder shapes (config.json of the released models); tiny = the CPU smoke test.
 SHAPES: dict[str, dict] = {
-    "tiny": dict(vocab_size=512, hidden_size=64, num_layers=2, num_attention_heads=4,
-                 num_query_groups=2, ffn_hidden_size=128),
-    "0.6b": dict(vocab_size=151936, hidden_size=1024, num_layers=28, num_attention_heads=16,
-                 num_query_groups=8, kv_channels=128, ffn_hidden_size=3072),
-    "1.7b": dict(vocab_size=151936, hidden_size=2048, num_layers=28, num_attention_heads=16,
-                 num_query_groups=8, kv_channels=128, ffn_hidden_size=6144),
-    "4b": dict(vocab_size=151936, hidden_size=2560, num_layers=36, num_attention_heads=32,
-               num_query_groups=8, kv_channels=128, ffn_hidden_size=9728),
+    "tiny": {"vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_attention_heads": 4,
+             "num_query_groups": 2, "ffn_hidden_size": 128},
+    "0.6b": {"vocab_size": 151936, "hidden_size": 1024, "num_layers": 28,
+             "num_attention_heads": 16, "num_query_groups": 8, "kv_channels": 128,
+             "ffn_hidden_size": 3072},
+    "1.7b": {"vocab_size": 151936, "hidden_size": 2048, "num_layers": 28,
+             "num_attention_heads": 16, "num_query_groups": 8, "kv_channels": 128,
+             "ffn_hidden_size": 6144},
+    "4b": {"vocab_size": 151936, "hidden_size": 2560, "num_layers": 36,
+           "num_attention_heads": 32, "num_query_groups": 8, "kv_channels": 128,
+           "ffn_hidden_size": 9728},
 }
 
 # Dense BF16 tensor-core peaks (FLOP/s) by device-name substring, most specific first.
@@ -61,7 +64,7 @@ class Shape:
     ffn: int
 
     @classmethod
-    def of(cls, d: dict) -> "Shape":
+    def of(cls, d: dict) -> Shape:
         head_dim = d.get("kv_channels") or d["hidden_size"] // d["num_attention_heads"]
         return cls(d["vocab_size"], d["hidden_size"], d["num_layers"], d["num_attention_heads"],
                    d["num_query_groups"], head_dim, d["ffn_hidden_size"])
@@ -220,10 +223,6 @@ def measure(args, groups, name: str, precision: dict, peak: float | None) -> dic
         res[f"scoring_tokens_per_s{suffix}"] = sum(score_lens) / score_s
         res[f"scoring_tflops{suffix}"] = forward_flops(shape, score_lens) / score_s / 1e12
     model.fp8_inference = False
-    del branch, model, batches
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return res
 
 
@@ -354,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as e:  # e.g. this GPU cannot run the FP8 recipe
             print(f"gpu_step: {name} skipped: {e}", file=sys.stderr)
             continue
+        finally:  # the previous model's memory goes before the next one is built
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
         if name == "fp8":
             res["fp8_recipe"] = args.fp8_recipe
         results.append(res)

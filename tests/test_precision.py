@@ -10,9 +10,9 @@ import types
 import pytest
 import torch
 import torch.distributed as dist
+from harness import run_world
 from megatron.core.transformer.enums import AttnMaskType
 
-from harness import run_world
 from megatron_copd.config import ConfigError, RunConfig, validate
 from megatron_copd.config_base import from_dict
 from megatron_copd.models import precision as prec
@@ -171,10 +171,9 @@ def test_fp8_disabled_clears_and_restores_every_config():
     with prec.fp8_disabled(model):
         assert config.fp8 is None and other.fp8 is None
     assert config.fp8 == "hybrid" and other.fp8 == "e4m3"
-    with pytest.raises(RuntimeError):
-        with prec.inference_precision(model):
-            assert config.fp8 is None
-            raise RuntimeError("restored even on errors")
+    with pytest.raises(RuntimeError), prec.inference_precision(model):
+        assert config.fp8 is None
+        raise RuntimeError("restored even on errors")
     assert config.fp8 == "hybrid"
 
 

@@ -136,7 +136,7 @@ def projector_transformer_config(cfg: RunConfig, te: bool) -> TransformerConfig:
 
 
 def _drop_fp8(kw: dict) -> None:
-    for key in [k for k in kw if k.startswith("fp8") or k.startswith("num_layers_at_")]:
+    for key in [k for k in kw if k.startswith(("fp8", "num_layers_at_"))]:
         kw.pop(key)
     kw.pop("first_last_layers_bf16", None)
 

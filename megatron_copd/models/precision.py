@@ -142,21 +142,17 @@ def fp8_support_problem(
 
 
 def te_version() -> str | None:
+    """Installed Transformer Engine version, None when it is not installed."""
     if importlib.util.find_spec("transformer_engine") is None:
         return None
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-        for dist_name in ("transformer-engine", "transformer_engine", "transformer-engine-cu12"):
-            try:
-                return version(dist_name)
-            except Exception:  # noqa: BLE001 - try the next distribution name
-                continue
-        import transformer_engine
-
-        return getattr(transformer_engine, "__version__", "0")
-    except Exception:  # noqa: BLE001
-        return "0"
+    for dist_name in ("transformer-engine", "transformer_engine", "transformer-engine-cu12"):
+        try:
+            return version(dist_name)
+        except PackageNotFoundError:
+            pass
+    return "0"  # importable but of unknown version: recipe version checks will refuse
 
 
 def check_fp8_here(recipe: str) -> None:
