@@ -123,18 +123,18 @@ def init_distributed(env: LaunchEnv | None = None, timeout_s: int = 1800) -> Lau
 
 
 def ranks_on_node(env: LaunchEnv) -> int | None:
-    """How many ranks of the job run on this node (None when the launcher does not say)."""
+    """How many ranks of this node see the *same* CUDA devices (None: unknown).
+
+    torchrun and the local launcher start every local rank with the same visible devices, so
+    more ranks than devices means ranks share GPUs. Under SLURM each task may be bound to its own
+    GPU (``--gpus-per-task``, ``--gpu-bind``), so one visible device per task proves nothing:
+    None (NCCL; ``COPD_DIST_BACKEND=gloo`` forces sharing)."""
+    if env.launcher == "slurm":
+        return None
     value = os.environ.get("LOCAL_WORLD_SIZE")
-    if value is None and env.launcher == "slurm":
-        # SLURM_STEP_TASKS_PER_NODE looks like "2(x3),1": the first node's count is the max.
-        raw = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get(
-            "SLURM_TASKS_PER_NODE", ""
-        )
-        counts = [int(p.split("(")[0]) for p in raw.split(",") if p.split("(")[0].isdigit()]
-        return max(counts) if counts else None
-    if value is None and env.launcher in ("local", "single"):
-        return env.world_size
-    return int(value) if value and value.isdigit() else None
+    if value is not None:
+        return int(value) if value.isdigit() else None
+    return env.world_size if env.launcher in ("local", "single") else None
 
 
 def choose_backend(cuda_devices: int, ranks_here: int | None, override: str | None = None) -> str:
