@@ -18,6 +18,7 @@ from typing import Any
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_copd.errors import CheckpointError
 
@@ -66,9 +67,31 @@ def load_model(model, pgs, ckpt_dir: str | os.PathLike, process_group=None) -> d
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
     state = sharded_model_state(model, pgs)
-    loaded = dist_checkpointing.load(state, str(ckpt_dir), process_group=process_group)
-    model.load_state_dict(_strip_prefix(loaded), strict=True)
+    # Keys the model asks for that the checkpoint lacks come back instead of failing inside
+    # the loader: Transformer Engine layers carry `_extra_state` (FP8 scaling metadata) that a
+    # checkpoint written with local layers (CPU, HF import) does not have. Those keep the
+    # layer's fresh state; any other missing key is an error.
+    loaded, _, absent = dist_checkpointing.load(
+        state, str(ckpt_dir), process_group=process_group, strict=StrictHandling.RETURN_UNEXPECTED
+    )
+    missing_weights = sorted(k for k in absent if not _is_extra_state(k))
+    if missing_weights:
+        shown = ", ".join(missing_weights[:3]) + (" ..." if len(missing_weights) > 3 else "")
+        raise CheckpointError(
+            f"{ckpt_dir}: {len(missing_weights)} weight(s) of the model are not in the "
+            f"checkpoint ({shown}); does it match model.*?"
+        )
+    own = model.state_dict()
+    weights = _strip_prefix(loaded)
+    for key in own:
+        if _is_extra_state(key) and key not in weights:
+            weights[key] = own[key]
+    model.load_state_dict(weights, strict=True)
     return meta
+
+
+def _is_extra_state(key: str) -> bool:
+    return key.split("/")[0].endswith("_extra_state")
 
 
 def _strip_prefix(state: dict) -> dict:

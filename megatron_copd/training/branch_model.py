@@ -61,7 +61,10 @@ class BranchModel:
         if on_gpu:
             core.cuda()
         dist_opt = cfg.parallel.distributed_optimizer
-        dist_opt = on_gpu if dist_opt is None else dist_opt
+        if dist_opt is None:
+            # On GPUs with NCCL; not over gloo (CPU, or ranks sharing a GPU), whose CUDA
+            # reduce-scatter support is not to be relied on.
+            dist_opt = on_gpu and "nccl" in str(torch.distributed.get_backend(pgs.dp))
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,

@@ -23,6 +23,7 @@ from megatron_copd.algorithms.grpo import group_advantages, zero_variance_groups
 from megatron_copd.algorithms.opd import mopd_advantages, opd_advantages
 from megatron_copd.algorithms.overlap import symmetric_kl_estimate, topk_overlap
 from megatron_copd.data.prompting import EncodedPrompt, encode_prompt
+from megatron_copd.models.precision import sequence_multiple
 from megatron_copd.rollout.exchange import ScoreSpec, score_edges
 from megatron_copd.rollout.generate import Rollout, generate
 from megatron_copd.rollout.sampling import SamplingParams, derive_seed
@@ -204,7 +205,9 @@ class RLStep:
         # 4. the update
         if trains and len(samples):
             t1 = time.perf_counter()
-            batches, seq_len = build_micro_batches(samples, g.micro_batch_size, self.pad_id)
+            batches, seq_len = build_micro_batches(
+                samples, g.micro_batch_size, self.pad_id, pad_to=sequence_multiple(cfg)
+            )
             result = self.ctx.branch.train_step(batches, self.loss_fn, seq_len)
             metrics.update(result.metrics)
             metrics["grad_norm"] = result.grad_norm if result.grad_norm is not None else 0.0
