@@ -125,3 +125,27 @@ def test_vocab_parallel_functions_match_torch_at_tp1():
                         rel_tol=1e-6)
     with pytest.raises(ValueError, match="exceeds the vocabulary"):
         vp.topk(logits, 51)
+
+
+def test_uniforms_for_all_steps_at_once_equal_step_by_step():
+    ids = torch.arange(5) * 7
+    table = uniforms(9, ids[:, None], torch.arange(4)[None, :])
+    for t in range(4):
+        assert torch.equal(table[:, t], uniforms(9, ids, t))
+
+
+def test_aligned_left_round_trip():
+    b = layout.pack([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], pad_id=0)
+    aligned = b.aligned_left()
+    assert aligned.tolist() == [[1, 2, 3, 5, 6, 0], [4, 7, 8, 9, 0, 0]]
+    assert torch.equal(b.from_aligned(aligned), b.tokens)
+    vals = torch.arange(24.0).view(2, 6, 2)
+    assert torch.equal(b.from_aligned(layout.shift_rows(vals, -b.left_pad)), vals)
+
+
+def test_kv_batches_group_lengths():
+    from megatron_copd.rollout.generate import _kv_batches
+
+    prompts = [[1] * n for n in (3, 1, 3, 2, 3, 1)]
+    assert _kv_batches(prompts, 2, False) == [[1, 5], [3, 0], [2, 4]]
+    assert _kv_batches(prompts, 2, True) == [[1, 5], [3], [0, 2], [4]]

@@ -79,7 +79,17 @@ def _single_worker(rank, world):
                  kv_batch_size=64)
     b = generate(vlm, g.pgs, vprompts, params, pixels=pixels, samples_per_prompt=3,
                  kv_batch_size=2)
-    out["batching_same_tokens"] = torch.equal(a.tokens, b.tokens)
+    # as with Transformer Engine attention: KV batches of equal-length prompts only
+    import megatron_copd.rollout.generate as gen_mod
+
+    real = gen_mod.attention_applies_masks
+    gen_mod.attention_applies_masks = lambda model: False
+    try:
+        c = generate(vlm, g.pgs, vprompts, params, pixels=pixels, samples_per_prompt=3)
+    finally:
+        gen_mod.attention_applies_masks = real
+    out["batching_same_tokens"] = torch.equal(a.tokens, b.tokens) and torch.equal(a.tokens,
+                                                                                 c.tokens)
     out["batching_lp"] = (a.logprobs - b.logprobs).abs().max().item()
     out["samples_differ"] = not torch.equal(a.tokens[0], a.tokens[1])
     ref = score_responses(vlm, g.pgs, a.sample_prompts(), a.responses(),
@@ -119,6 +129,8 @@ def _single_worker(rank, world):
     from megatron.core.inference.utils import InferenceMode
 
     out["inference_mode_off"] = not InferenceMode.is_active()
+    out["outputs_are_normal_tensors"] = not any(
+        t.is_inference() for t in (gr.tokens, gr.lengths, gr.logprobs, gr.sampling_logprobs))
     text.train()
     cache_len = max(len(p) for p in prompts) + R  # the rotary table length decoding used
     tb = layout.pack([prompts[0]], [gr.responses()[0]],
@@ -194,6 +206,7 @@ def test_generation_features(report):
     assert report["stop_ids_ok"] and report["some_stopped_early"]
     assert report["greedy_is_argmax"]
     assert report["inference_mode_off"] and report["train_backward_ok"]
+    assert report["outputs_are_normal_tensors"]
 
 
 def test_scoring_matches_full_vocab_reference(report):
