@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,15 +21,15 @@ from megatron.core.inference.utils import InferenceMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_copd.config import RunConfig  # noqa: E402
-from megatron_copd.config_base import from_dict  # noqa: E402
-from megatron_copd.models.factory import build_model  # noqa: E402
-from megatron_copd.rollout import layout  # noqa: E402
-from megatron_copd.rollout.generate import generate  # noqa: E402
-from megatron_copd.rollout.sampling import SamplingParams, choose_tokens  # noqa: E402
-from megatron_copd.runtime.branches import BranchLayout, build_branch_groups  # noqa: E402
-from megatron_copd.runtime.distributed import LaunchEnv, free_port, init_distributed  # noqa: E402
-from megatron_copd.runtime.megatron_state import init_megatron_state  # noqa: E402
+from megatron_copd.config import RunConfig
+from megatron_copd.config_base import from_dict
+from megatron_copd.models.factory import build_model
+from megatron_copd.rollout import layout
+from megatron_copd.rollout.generate import generate
+from megatron_copd.rollout.sampling import SamplingParams, choose_tokens
+from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
+from megatron_copd.runtime.distributed import LaunchEnv, free_port, init_distributed
+from megatron_copd.runtime.megatron_state import init_megatron_state
 
 PROMPT_LEN = 16
 NEW_TOKENS = 32
@@ -36,13 +37,22 @@ NEW_TOKENS = 32
 
 def build():
     init_distributed(LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single"))
-    cfg = from_dict(RunConfig, {
-        "branches": [{"name": "bench"}],
-        "model": {"vocab_size": 512, "hidden_size": 128, "num_layers": 4,
-                  "num_attention_heads": 4, "num_query_groups": 2, "ffn_hidden_size": 512,
-                  "max_sequence_length": 256},
-        "precision": {"dtype": "fp32"},
-    })
+    cfg = from_dict(
+        RunConfig,
+        {
+            "branches": [{"name": "bench"}],
+            "model": {
+                "vocab_size": 512,
+                "hidden_size": 128,
+                "num_layers": 4,
+                "num_attention_heads": 4,
+                "num_query_groups": 2,
+                "ffn_hidden_size": 512,
+                "max_sequence_length": 256,
+            },
+            "precision": {"dtype": "fp32"},
+        },
+    )
     groups = build_branch_groups(BranchLayout(("bench",)))
     init_megatron_state(groups, 1234)
     model = build_model(cfg, groups.pgs)
@@ -111,8 +121,13 @@ def run_static(engine, prompts):
     from megatron.core.inference.inference_request import InferenceRequest
     from megatron.core.inference.sampling_params import SamplingParams as MSamplingParams
 
-    sp = MSamplingParams(temperature=1.0, top_k=0, top_p=0.0, return_log_probs=True,
-                         num_tokens_to_generate=NEW_TOKENS)
+    sp = MSamplingParams(
+        temperature=1.0,
+        top_k=0,
+        top_p=0.0,
+        return_log_probs=True,
+        num_tokens_to_generate=NEW_TOKENS,
+    )
     sp.no_early_termination = True  # read by the controller with getattr
     requests = [
         InferenceRequest(request_id=str(i), prompt="", sampling_params=sp, prompt_tokens=p)
@@ -150,25 +165,35 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, pgs = build()
-    print(f"torch threads: {torch.get_num_threads()}; prompt {PROMPT_LEN}, new {NEW_TOKENS}; "
-          f"generated tokens/s, best of {args.repeats} (wall-clock | process CPU time)")
-    print(f"{'batch':>5} {'':>6} {'ours KV':>9} {'no-cache':>9} {'static':>9} "
-          f"{'ours/no-cache':>14} {'ours/static':>12}")
+    print(
+        f"torch threads: {torch.get_num_threads()}; prompt {PROMPT_LEN}, new {NEW_TOKENS}; "
+        f"generated tokens/s, best of {args.repeats} (wall-clock | process CPU time)"
+    )
+    print(
+        f"{'batch':>5} {'':>6} {'ours KV':>9} {'no-cache':>9} {'static':>9} "
+        f"{'ours/no-cache':>14} {'ours/static':>12}"
+    )
     for batch in args.batches:
         prompts = prompts_of(batch)
         engine = make_static_engine(model, pgs, batch)
         try:
-            rates = best_rates({
-                "ours": lambda: run_ours(model, pgs, prompts),
-                "no_cache": lambda: run_no_cache(model, pgs, prompts),
-                "static": lambda: run_static(engine, prompts),
-            }, batch * NEW_TOKENS, args.repeats)
+            rates = best_rates(
+                {
+                    "ours": partial(run_ours, model, pgs, prompts),
+                    "no_cache": partial(run_no_cache, model, pgs, prompts),
+                    "static": partial(run_static, engine, prompts),
+                },
+                batch * NEW_TOKENS,
+                args.repeats,
+            )
         finally:
             InferenceMode.unset_active()  # the engine leaves it on (see MEGATRON_FACTS.md)
         for i, clock in enumerate(("wall", "cpu")):
             ours, no_cache, static = (rates[k][i] for k in ("ours", "no_cache", "static"))
-            print(f"{batch:>5} {clock:>6} {ours:>9.0f} {no_cache:>9.0f} {static:>9.0f} "
-                  f"{ours / no_cache:>14.2f} {ours / static:>12.2f}")
+            print(
+                f"{batch:>5} {clock:>6} {ours:>9.0f} {no_cache:>9.0f} {static:>9.0f} "
+                f"{ours / no_cache:>14.2f} {ours / static:>12.2f}"
+            )
 
 
 if __name__ == "__main__":

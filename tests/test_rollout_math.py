@@ -91,8 +91,9 @@ def test_truncation_top_k_top_p_temperature_greedy():
     ids = torch.arange(32)
     greedy = choose_tokens(rows, SamplingParams(max_new_tokens=1, temperature=0), ids, 0)
     assert torch.equal(greedy[0], rows.argmax(-1)) and (greedy[2] == 0).all()
-    assert torch.equal(choose_tokens(rows, SamplingParams(max_new_tokens=1, top_k=1), ids, 0)[0],
-                       rows.argmax(-1))
+    assert torch.equal(
+        choose_tokens(rows, SamplingParams(max_new_tokens=1, top_k=1), ids, 0)[0], rows.argmax(-1)
+    )
     # tempered sampling: logprob is the untempered policy, sampling_logprob the tempered one
     p = SamplingParams(max_new_tokens=1, temperature=0.7, top_p=0.9)
     tok, lp, slp = choose_tokens(rows, p, ids, 1)
@@ -102,8 +103,12 @@ def test_truncation_top_k_top_p_temperature_greedy():
 
 
 def test_bad_sampling_params():
-    for kw in ({"max_new_tokens": 0}, {"max_new_tokens": 1, "temperature": -1},
-               {"max_new_tokens": 1, "top_p": 0}, {"max_new_tokens": 1, "top_k": -2}):
+    for kw in (
+        {"max_new_tokens": 0},
+        {"max_new_tokens": 1, "temperature": -1},
+        {"max_new_tokens": 1, "top_p": 0},
+        {"max_new_tokens": 1, "top_k": -2},
+    ):
         with pytest.raises(ValueError):
             SamplingParams(**kw)
 
@@ -121,8 +126,9 @@ def test_vocab_parallel_functions_match_torch_at_tp1():
     ids, lps = vp.topk(logits, 5)
     ref_vals, ref_ids = ref_lsm.topk(5, -1)
     assert torch.equal(ids, ref_ids) and torch.allclose(lps.double(), ref_vals, atol=1e-6)
-    assert math.isclose(vp.logsumexp(logits)[0, 0].item(), logits[0, 0].logsumexp(-1).item(),
-                        rel_tol=1e-6)
+    assert math.isclose(
+        vp.logsumexp(logits)[0, 0].item(), logits[0, 0].logsumexp(-1).item(), rel_tol=1e-6
+    )
     with pytest.raises(ValueError, match="exceeds the vocabulary"):
         vp.topk(logits, 51)
 

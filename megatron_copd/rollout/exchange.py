@@ -44,8 +44,10 @@ from megatron_copd.rollout.scoring import ScoreSpec, score_packed
 from megatron_copd.runtime.branches import BranchGroups
 
 _HEADER = 8  # n_prompts, n_samples, n_prompt_tokens, n_response_tokens, n_images, H, W, dtype
-_PIXEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PIXEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)
 _WARM_GROUPS: set[int] = set()
+TEACHER_SPEC = ScoreSpec(topk=10, entropy=False)
+"""Default teacher reply: log-probs and the top-10 ids (what OPD and the overlap metric use)."""
 
 
 class EdgeError(UserError, ValueError):
@@ -136,18 +138,20 @@ class _Request:
     pixels: torch.Tensor | None
 
     @classmethod
-    def from_rollout(cls, ro: Rollout, device: torch.device) -> "_Request":
+    def from_rollout(cls, ro: Rollout, device: torch.device) -> _Request:
         prompt_lens = [len(p) for p in ro.prompts]
         lengths = ro.lengths.to(device)
         flat_prompts = [t for p in ro.prompts for t in p]
         resp = layout.ragged_values(ro.tokens.to(device), lengths)
-        ints = torch.cat([
-            torch.tensor(prompt_lens, dtype=torch.int32, device=device),
-            ro.prompt_index.to(device=device, dtype=torch.int32),
-            lengths.to(torch.int32),
-            torch.tensor(flat_prompts, dtype=torch.int32, device=device),
-            resp.to(torch.int32),
-        ])
+        ints = torch.cat(
+            [
+                torch.tensor(prompt_lens, dtype=torch.int32, device=device),
+                ro.prompt_index.to(device=device, dtype=torch.int32),
+                lengths.to(torch.int32),
+                torch.tensor(flat_prompts, dtype=torch.int32, device=device),
+                resp.to(torch.int32),
+            ]
+        )
         pix = ro.pixels
         n_img = 0 if pix is None else pix.shape[0]
         h, w = (pix.shape[2], pix.shape[3]) if n_img else (0, 0)
@@ -171,7 +175,7 @@ class _Request:
 
     def unpack(self) -> tuple[list[list[int]], list[int], list[list[int]]]:
         """-> unique prompts, sample -> prompt index, responses."""
-        n_p, n_s, n_pt, _ = (int(x) for x in self.header[:4])
+        n_p, n_s = int(self.header[0]), int(self.header[1])
         vals = self.ints.long().tolist()
         prompt_lens = vals[:n_p]
         index = vals[n_p : n_p + n_s]
@@ -225,7 +229,7 @@ def score_edges(
     edges: Iterable,
     rollouts: Mapping[Edge, Rollout],
     *,
-    spec: ScoreSpec = ScoreSpec(topk=10, entropy=False),
+    spec: ScoreSpec = TEACHER_SPEC,
     micro_batch_size: int = 16,
     pad_id: int = 0,
     stats: dict[str, int] | None = None,
@@ -252,9 +256,10 @@ def score_edges(
         if e not in keyed:
             raise EdgeError(f"edge {e.student}->{e.teacher}: no rollouts given by the student")
         ro = keyed[e]
-        inputs.check_tokens(ro.responses(), facts, "response", allow_empty=True,
-                            allow_image_tokens=False)
-    tp, pp = groups.pgs.tp, groups.pgs.pp
+        inputs.check_tokens(
+            ro.responses(), facts, "response", allow_empty=True, allow_image_tokens=False
+        )
+    tp = groups.pgs.tp
     tp_src = dist.get_process_group_ranks(tp)[0]
     is_tp0 = groups.tp_rank == 0
     first, last = groups.is_first_stage, groups.is_last_stage
@@ -273,8 +278,11 @@ def score_edges(
         for e in as_student:
             ph.send(outgoing[e].header, groups.peer(e.teacher), tag(e, 0))
         for e in as_teacher:
-            hdr = ph.recv(torch.empty(_HEADER, dtype=torch.int64, device=device),
-                          groups.peer(e.student), tag(e, 0))
+            hdr = ph.recv(
+                torch.empty(_HEADER, dtype=torch.int64, device=device),
+                groups.peer(e.student),
+                tag(e, 0),
+            )
             incoming[e] = _Request(hdr, torch.empty(0), None)
         ph.run()
         for e in as_student:
@@ -284,24 +292,30 @@ def score_edges(
         for e in as_teacher:
             req = incoming[e]
             peer = groups.peer(e.student)
-            req.ints = ph.recv(torch.empty(_Request.ints_size(req.header), dtype=torch.int32,
-                                           device=device), peer, tag(e, 1))
+            req.ints = ph.recv(
+                torch.empty(_Request.ints_size(req.header), dtype=torch.int32, device=device),
+                peer,
+                tag(e, 1),
+            )
             shape, dtype = _Request.pixel_shape(req.header)
             if first and shape[0]:
-                req.pixels = ph.recv(torch.empty(shape, dtype=dtype, device=device), peer,
-                                     tag(e, 2))
+                req.pixels = ph.recv(
+                    torch.empty(shape, dtype=dtype, device=device), peer, tag(e, 2)
+                )
         ph.run()
     # TP partners of the teacher get the requests from their rank 0.
     if tp.size() > 1:
         for e in as_teacher:
             if not is_tp0:
-                incoming[e] = _Request(torch.empty(_HEADER, dtype=torch.int64, device=device),
-                                       torch.empty(0), None)
+                incoming[e] = _Request(
+                    torch.empty(_HEADER, dtype=torch.int64, device=device), torch.empty(0), None
+                )
             req = incoming[e]
             dist.broadcast(req.header, src=tp_src, group=tp)
             if not is_tp0:
-                req.ints = torch.empty(_Request.ints_size(req.header), dtype=torch.int32,
-                                       device=device)
+                req.ints = torch.empty(
+                    _Request.ints_size(req.header), dtype=torch.int32, device=device
+                )
             if req.ints.numel():
                 dist.broadcast(req.ints, src=tp_src, group=tp)
             shape, dtype = _Request.pixel_shape(req.header)
@@ -313,8 +327,9 @@ def score_edges(
     # Phase 2: score what my students sent, with my weights (whole pipeline, edges in order).
     replies: dict[Edge, dict[str, torch.Tensor]] = {}
     for e in as_teacher:
-        replies[e] = _score_request(model, groups, incoming[e], facts, spec, micro_batch_size,
-                                    pad_id, ids_dtype)
+        replies[e] = _score_request(
+            model, groups, incoming[e], facts, spec, micro_batch_size, pad_id, ids_dtype
+        )
 
     # Phase 3: replies, teacher last stage -> student last stage.
     received: dict[Edge, dict[str, torch.Tensor]] = {}

@@ -173,8 +173,9 @@ class KVDecoder:
         with ``all_logits``)."""
         b, p = tokens.shape
         if b > self.max_batch or p > self.max_len:
-            raise ValueError(f"prefill of [{b}, {p}] exceeds the KV cache [{self.max_batch}, "
-                             f"{self.max_len}]")
+            raise ValueError(
+                f"prefill of [{b}, {p}] exceeds the KV cache [{self.max_batch}, {self.max_len}]"
+            )
         self.ctx.reset()
         logits = self.stage.forward(
             p,
@@ -283,9 +284,7 @@ def generate(
     if not 0 <= pad_id < facts.vocab_size or pad_id == facts.image_token_id:
         raise DataError(f"pad_id: {pad_id} must be a vocabulary id other than the image token")
     if facts.image_token_id is not None and facts.image_token_id not in params.banned_ids:
-        params = dataclasses.replace(
-            params, banned_ids=(*params.banned_ids, facts.image_token_id)
-        )
+        params = dataclasses.replace(params, banned_ids=(*params.banned_ids, facts.image_token_id))
 
     g = samples_per_prompt
     n = len(prompt_lists) * g
@@ -365,8 +364,9 @@ def _generate_batch(
         u = uniforms(params.seed, sample_ids[:, None], torch.arange(r, device=device)[None, :])
     for t in range(r):
         if stage.is_last:
-            y, lp, slp = choose_tokens(logits, params, sample_ids, t,
-                                       None if params.greedy else u[:, t])
+            y, lp, slp = choose_tokens(
+                logits, params, sample_ids, t, None if params.greedy else u[:, t]
+            )
         if stage.size > 1:
             # token ids are exact in float64: one broadcast carries all three
             if stage.is_last:

@@ -124,7 +124,7 @@ class PackedBatch:
         """Per-column values ``[B, T, ...]`` computed on :meth:`aligned_left` -> this layout."""
         return shift_rows(values, self.left_pad)
 
-    def to(self, device: torch.device | str) -> "PackedBatch":
+    def to(self, device: torch.device | str) -> PackedBatch:
         return PackedBatch(
             self.tokens.to(device),
             self.valid.to(device),
@@ -204,7 +204,7 @@ def ragged_values(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 def unragged_values(
-    flat: torch.Tensor, lengths: torch.Tensor, width: int, fill: float | int = 0
+    flat: torch.Tensor, lengths: torch.Tensor, width: int, fill: float = 0
 ) -> torch.Tensor:
     """Inverse of :func:`ragged_values`: ``[sum(lengths), ...]`` -> ``[N, width, ...]``."""
     n = lengths.shape[0]

@@ -42,6 +42,9 @@ class ScoreSpec:
     """Also the log-probs of the top-k ids."""
 
 
+DEFAULT_SPEC = ScoreSpec()
+
+
 @dataclass
 class TokenScores:
     logprobs: torch.Tensor  # [B, W] float32
@@ -49,9 +52,13 @@ class TokenScores:
     topk_ids: torch.Tensor | None = None  # [B, W, k] int64, most likely first
     topk_logprobs: torch.Tensor | None = None  # [B, W, k] float32
 
-    def map(self, fn) -> "TokenScores":
-        return TokenScores(*(None if t is None else fn(t) for t in (
-            self.logprobs, self.entropy, self.topk_ids, self.topk_logprobs)))
+    def map(self, fn) -> TokenScores:
+        return TokenScores(
+            *(
+                None if t is None else fn(t)
+                for t in (self.logprobs, self.entropy, self.topk_ids, self.topk_logprobs)
+            )
+        )
 
 
 def token_stats(
@@ -92,9 +99,7 @@ def _forward_step(data_iterator, model, *, spec: ScoreSpec, tp_group):
     def reduce(output_tensor, non_loss_data=False):
         # output: [b, T, V/tp] on the last stage; pick each row's window columns
         cols = mb["cols"]
-        logits = output_tensor.gather(
-            1, cols[..., None].expand(-1, -1, output_tensor.shape[-1])
-        )
+        logits = output_tensor.gather(1, cols[..., None].expand(-1, -1, output_tensor.shape[-1]))
         return token_stats(logits, mb["labels"].gather(1, cols), spec, tp_group)
 
     return output, reduce
@@ -107,7 +112,7 @@ def score_packed(
     pixels: torch.Tensor | None = None,
     images_per_row: Sequence[int] | None = None,
     *,
-    spec: ScoreSpec = ScoreSpec(),
+    spec: ScoreSpec = DEFAULT_SPEC,
     micro_batch_size: int = 16,
     start: int = 0,
 ) -> TokenScores | None:
@@ -148,13 +153,15 @@ def score_packed(
     for i in range(num_mb):
         rows = slice(i * mb, (i + 1) * mb)
         real_rows = range(i * mb, min((i + 1) * mb, n))
-        micro_batches.append({
-            "tokens": tokens[rows],
-            "labels": labels[rows],
-            "cols": cols[rows],
-            "position_ids": positions,
-            "pixels": inputs.select_images(pixels, counts, real_rows),
-        })
+        micro_batches.append(
+            {
+                "tokens": tokens[rows],
+                "labels": labels[rows],
+                "cols": cols[rows],
+                "position_ids": positions,
+                "pixels": inputs.select_images(pixels, counts, real_rows),
+            }
+        )
     forward_backward = get_forward_backward_func(pp_size=pgs.pp.size(), vp_size=None)
     with _eval_no_grad(model):
         store = forward_backward(
@@ -187,7 +194,7 @@ def score_responses(
     responses: Sequence[Sequence[int]],
     *,
     pixels: torch.Tensor | None = None,
-    spec: ScoreSpec = ScoreSpec(),
+    spec: ScoreSpec = DEFAULT_SPEC,
     micro_batch_size: int = 16,
     pad_id: int = 0,
 ) -> TokenScores | None:
