@@ -25,7 +25,7 @@ from megatron_copd.config import RunConfig
 from megatron_copd.config_base import from_dict
 from megatron_copd.models.factory import build_model
 from megatron_copd.rollout import layout
-from megatron_copd.rollout.generate import generate
+from megatron_copd.rollout.generation import generate
 from megatron_copd.rollout.sampling import SamplingParams, choose_tokens
 from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
 from megatron_copd.runtime.distributed import LaunchEnv, free_port, init_distributed

@@ -150,7 +150,7 @@ def test_aligned_left_round_trip():
 
 
 def test_kv_batches_group_lengths():
-    from megatron_copd.rollout.generate import _kv_batches
+    from megatron_copd.rollout.generation import _kv_batches
 
     prompts = [[1] * n for n in (3, 1, 3, 2, 3, 1)]
     assert _kv_batches(prompts, 2, False) == [[1, 5], [3, 0], [2, 4]]

@@ -20,7 +20,7 @@ from rollout_util import IMAGE_TOKEN, VOCAB, build, copy_stage_weights, groups, 
 
 from megatron_copd.rollout import vocab_parallel as vp
 from megatron_copd.rollout.exchange import Edge, score_edges
-from megatron_copd.rollout.generate import generate
+from megatron_copd.rollout.generation import generate
 from megatron_copd.rollout.sampling import SamplingParams, derive_seed
 from megatron_copd.rollout.scoring import ScoreSpec, score_responses
 

@@ -12,7 +12,7 @@ from rollout_util import IMAGE_TOKEN, build, full_logits, groups, prompts_for
 
 from megatron_copd.errors import DataError
 from megatron_copd.rollout import layout
-from megatron_copd.rollout.generate import KVDecoder, generate, inference_forward
+from megatron_copd.rollout.generation import KVDecoder, generate, inference_forward
 from megatron_copd.rollout.sampling import SamplingParams
 from megatron_copd.rollout.scoring import ScoreSpec, score_responses
 
@@ -80,7 +80,7 @@ def _single_worker(rank, world):
     )
     b = generate(vlm, g.pgs, vprompts, params, pixels=pixels, samples_per_prompt=3, kv_batch_size=2)
     # as with Transformer Engine attention: KV batches of equal-length prompts only
-    import megatron_copd.rollout.generate as gen_mod
+    import megatron_copd.rollout.generation as gen_mod
 
     real = gen_mod.attention_applies_masks
     gen_mod.attention_applies_masks = lambda model: False

@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from megatron_copd.errors import UserError
 from megatron_copd.rollout import inputs, layout
-from megatron_copd.rollout.generate import Rollout, model_device
+from megatron_copd.rollout.generation import Rollout, model_device
 from megatron_copd.rollout.scoring import ScoreSpec, score_packed
 from megatron_copd.runtime.branches import BranchGroups
 

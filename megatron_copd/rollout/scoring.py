@@ -28,7 +28,7 @@ from megatron.core.utils import get_model_config, unwrap_model
 
 from megatron_copd.rollout import inputs, layout
 from megatron_copd.rollout import vocab_parallel as vp
-from megatron_copd.rollout.generate import model_device
+from megatron_copd.rollout.generation import model_device
 
 
 @dataclass(frozen=True)
