@@ -212,14 +212,13 @@ def _exchange(rank, names, edges, tp=1, pp=1, vision=True):
     for e in sorted(mine):
         teacher = build(g, seeds[e.teacher], tp=tp, pp=pp, vision=vision)
         ref = _score(teacher, g, ro)  # collective over the pipeline: every stage calls it
-        own = _score(model, g, ro)
         if ref is not None:
             d = _score_diffs(got[e], ref, ro.lengths)
             width = ro.tokens.shape[1]
             pad = torch.arange(width)[None] >= ro.lengths[:, None]
             d["pad_ids"] = bool((got[e].topk_ids[pad] == -1).all())
             # a different teacher would give different numbers: the check can fail
-            d["differs_from_own"] = _diff(own.logprobs, ref.logprobs, ~pad)
+            d["differs_from_own"] = _diff(ro.logprobs, got[e].logprobs, ~pad)
             res["diffs"][(e.student, e.teacher)] = d
     dist.barrier()
     return res

@@ -268,7 +268,10 @@ def generate(
     """Sample ``samples_per_prompt`` responses per prompt (collective over the branch's
     model-parallel group: every TP/PP rank calls it with the same arguments).
 
-    ``pixels [n_images, 3, H, W]``: the prompts' images, batch-major in placeholder order.
+    ``pixels [n_images, 3, H, W]``: the prompts' images (a video: its frames), batch-major in
+    placeholder order; they go through the vision tower once, at prefill.
+    ``kv_batch_size``: sequences decoded together (rounded down to whole prompt groups, at least
+    one prompt's samples).
     Sample ``p * samples_per_prompt + g`` uses sample id ``p * samples_per_prompt + g`` in the
     seeded noise; give each DP rank / step its own ``params.seed``.
     """
