@@ -2,11 +2,10 @@
 
 One call samples ``samples_per_prompt`` responses for every prompt. Prompts are sorted by length
 and cut into KV batches of whole prompt groups (``kv_batch_size // samples_per_prompt`` prompts;
-with Transformer Engine attention, which ignores padding masks, only equal-length prompts share
-a KV batch);
-each KV batch is prefilled once per *prompt* (the vision tower and the prompt run once, then the
-cache rows are copied to the group's samples) and decoded one token per step for the whole batch
-until every sample has hit a stop id or ``max_new_tokens``.
+with Transformer Engine attention, which ignores padding masks, only equal-length prompts share a
+KV batch). Each KV batch is prefilled once per *prompt* (the vision tower and the prompt run
+once, then the cache rows are copied to the group's samples) and decoded one token per step for
+the whole batch until every sample has hit a stop id or ``max_new_tokens``.
 
 The forward is megatron's (``StaticInferenceContext`` KV cache, ``InferenceMode`` so that only the
 last position's logits are materialised and gathered over TP). With PP the hidden states move
