@@ -1,11 +1,13 @@
 """Rollout throughput: megatron-copd's KV-cached sampler vs a no-cache recompute loop vs
 megatron-core's static inference engine (legacy), on one process, same model and batch.
 
-    PYTHONPATH=. python benchmarks/rollout.py [--batches 16 64] [--repeats 3]
+    PYTHONPATH=. python benchmarks/rollout.py [--batches 16 64] [--repeats 3] [--threads 1]
 
 Model: hidden 128, 4 layers, 4 heads / 2 KV heads, FFN 512, vocab 512, fp32 (the toy shape).
 Batch: 16-token prompts, 32 sampled tokens (temperature 1, no stop ids, so every method
-generates exactly batch x 32 tokens). Prints generated tokens per second (best of --repeats).
+generates exactly batch x 32 tokens; all three return per-token log-probs). Prints generated
+tokens per second, best of --repeats with the methods interleaved. On a shared machine use
+--threads 1: with two threads a busy CPU makes the figures swing several-fold.
 """
 
 from __future__ import annotations
@@ -110,6 +112,10 @@ def make_static_engine(model, pgs, batch):
         TextGenerationController,
     )
 
+    from megatron.core.inference.engines import static_engine
+
+    # its per-call progress bar would flood the output
+    static_engine.tqdm = partial(static_engine.tqdm, disable=True)
     context = StaticInferenceContext(batch, PROMPT_LEN + NEW_TOKENS)
     context.config.pg_collection = pgs
     wrapped = GPTInferenceWrapper(model.language_model, context)
