@@ -1,7 +1,7 @@
 """One GPU, random weights, Qwen3 shapes: training-step tokens/s and MFU, rollout tokens/s and
 teacher-scoring tokens/s, at BF16 and FP8, with the FP8/BF16 ratios. Everything goes through
 the project's own paths: ``BranchModel.train_step`` (megatron DDP + optimizer, fp32 master
-weights), ``rollout.generate`` (KV cache) and ``rollout.scoring.score_responses``.
+weights), ``rollout.generation`` (KV cache) and ``rollout.scoring.score_responses``.
 
     python benchmarks/gpu_step.py --model 1.7b                   # BF16 and FP8 (tensorwise)
     python benchmarks/gpu_step.py --model 1.7b --fp8-recipe delayed --recompute selective
@@ -159,7 +159,7 @@ def _prompts(args, vocab: int) -> list[list[int]]:
 
 def measure(args, groups, name: str, precision: dict, peak: float | None) -> dict:
     """Build the branch model at ``precision``, time train steps, rollout and scoring."""
-    from megatron_copd.rollout.generate import generate, model_device
+    from megatron_copd.rollout.generation import generate, model_device
     from megatron_copd.rollout.sampling import SamplingParams
     from megatron_copd.rollout.scoring import ScoreSpec, score_responses
     from megatron_copd.runtime.megatron_state import seed_everything

@@ -26,10 +26,17 @@ def tiny_config(tp: int = 1, pp: int = 1, vision: bool = False, max_len: int = 1
         "max_sequence_length": max_len,
     }
     if vision:
-        model["vision"] = {"image_size": 16, "patch_size": 8, "hidden_size": 32, "num_layers": 1,
-                           "num_attention_heads": 2, "ffn_hidden_size": 64}
-    return from_dict(RunConfig, {"branches": [{"name": "a"}], "model": model,
-                                 "parallel": {"tp": tp, "pp": pp}})
+        model["vision"] = {
+            "image_size": 16,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "num_layers": 1,
+            "num_attention_heads": 2,
+            "ffn_hidden_size": 64,
+        }
+    return from_dict(
+        RunConfig, {"branches": [{"name": "a"}], "model": model, "parallel": {"tp": tp, "pp": pp}}
+    )
 
 
 def groups(names=("a",), tp=1, pp=1):

@@ -82,7 +82,7 @@ def _te_vs_local(rank, world_size, ckpt):
     from megatron_copd.checkpoint.model_io import load_model, save_model
     from megatron_copd.models.factory import build_model
     from megatron_copd.rollout import layout
-    from megatron_copd.rollout.generate import generate
+    from megatron_copd.rollout.generation import generate
     from megatron_copd.rollout.sampling import SamplingParams
     from megatron_copd.rollout.scoring import ScoreSpec, score_responses
     from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
@@ -131,7 +131,7 @@ def test_te_and_local_layers_agree_in_bf16(tmp_path):
 
 def _fp8_steps(rank, world_size, recipe):
     from megatron_copd.models.precision import sequence_multiple
-    from megatron_copd.rollout.generate import generate
+    from megatron_copd.rollout.generation import generate
     from megatron_copd.rollout.sampling import SamplingParams
     from megatron_copd.rollout.scoring import score_responses
     from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
@@ -208,7 +208,7 @@ def _two_branches_one_gpu(rank, world_size):
     import torch.distributed as dist
 
     from megatron_copd.rollout.exchange import Edge, score_edges
-    from megatron_copd.rollout.generate import generate
+    from megatron_copd.rollout.generation import generate
     from megatron_copd.rollout.sampling import SamplingParams
     from megatron_copd.rollout.scoring import ScoreSpec, score_responses
     from megatron_copd.runtime.branches import BranchLayout, build_branch_groups

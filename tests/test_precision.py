@@ -297,7 +297,7 @@ def _rollout_forwards_run_without_fp8(rank, world_size, ckpt_dir):
     from megatron_copd.checkpoint.model_io import load_model, save_model
     from megatron_copd.errors import CheckpointError
     from megatron_copd.models.factory import build_model
-    from megatron_copd.rollout.generate import generate
+    from megatron_copd.rollout.generation import generate
     from megatron_copd.rollout.sampling import SamplingParams
     from megatron_copd.rollout.scoring import score_responses
     from megatron_copd.runtime.branches import BranchLayout, build_branch_groups

@@ -91,8 +91,9 @@ def test_truncation_top_k_top_p_temperature_greedy():
     ids = torch.arange(32)
     greedy = choose_tokens(rows, SamplingParams(max_new_tokens=1, temperature=0), ids, 0)
     assert torch.equal(greedy[0], rows.argmax(-1)) and (greedy[2] == 0).all()
-    assert torch.equal(choose_tokens(rows, SamplingParams(max_new_tokens=1, top_k=1), ids, 0)[0],
-                       rows.argmax(-1))
+    assert torch.equal(
+        choose_tokens(rows, SamplingParams(max_new_tokens=1, top_k=1), ids, 0)[0], rows.argmax(-1)
+    )
     # tempered sampling: logprob is the untempered policy, sampling_logprob the tempered one
     p = SamplingParams(max_new_tokens=1, temperature=0.7, top_p=0.9)
     tok, lp, slp = choose_tokens(rows, p, ids, 1)
@@ -102,8 +103,12 @@ def test_truncation_top_k_top_p_temperature_greedy():
 
 
 def test_bad_sampling_params():
-    for kw in ({"max_new_tokens": 0}, {"max_new_tokens": 1, "temperature": -1},
-               {"max_new_tokens": 1, "top_p": 0}, {"max_new_tokens": 1, "top_k": -2}):
+    for kw in (
+        {"max_new_tokens": 0},
+        {"max_new_tokens": 1, "temperature": -1},
+        {"max_new_tokens": 1, "top_p": 0},
+        {"max_new_tokens": 1, "top_k": -2},
+    ):
         with pytest.raises(ValueError):
             SamplingParams(**kw)
 
@@ -121,7 +126,32 @@ def test_vocab_parallel_functions_match_torch_at_tp1():
     ids, lps = vp.topk(logits, 5)
     ref_vals, ref_ids = ref_lsm.topk(5, -1)
     assert torch.equal(ids, ref_ids) and torch.allclose(lps.double(), ref_vals, atol=1e-6)
-    assert math.isclose(vp.logsumexp(logits)[0, 0].item(), logits[0, 0].logsumexp(-1).item(),
-                        rel_tol=1e-6)
+    assert math.isclose(
+        vp.logsumexp(logits)[0, 0].item(), logits[0, 0].logsumexp(-1).item(), rel_tol=1e-6
+    )
     with pytest.raises(ValueError, match="exceeds the vocabulary"):
         vp.topk(logits, 51)
+
+
+def test_uniforms_for_all_steps_at_once_equal_step_by_step():
+    ids = torch.arange(5) * 7
+    table = uniforms(9, ids[:, None], torch.arange(4)[None, :])
+    for t in range(4):
+        assert torch.equal(table[:, t], uniforms(9, ids, t))
+
+
+def test_aligned_left_round_trip():
+    b = layout.pack([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], pad_id=0)
+    aligned = b.aligned_left()
+    assert aligned.tolist() == [[1, 2, 3, 5, 6, 0], [4, 7, 8, 9, 0, 0]]
+    assert torch.equal(b.from_aligned(aligned), b.tokens)
+    vals = torch.arange(24.0).view(2, 6, 2)
+    assert torch.equal(b.from_aligned(layout.shift_rows(vals, -b.left_pad)), vals)
+
+
+def test_kv_batches_group_lengths():
+    from megatron_copd.rollout.generation import _kv_batches
+
+    prompts = [[1] * n for n in (3, 1, 3, 2, 3, 1)]
+    assert _kv_batches(prompts, 2, False) == [[1, 5], [3, 0], [2, 4]]
+    assert _kv_batches(prompts, 2, True) == [[1, 5], [3], [0, 2], [4]]

@@ -18,10 +18,9 @@ import torch.distributed as dist
 from harness import run_world
 from rollout_util import IMAGE_TOKEN, VOCAB, build, copy_stage_weights, groups, prompts_for
 
-from megatron_copd.rollout import layout
 from megatron_copd.rollout import vocab_parallel as vp
 from megatron_copd.rollout.exchange import Edge, score_edges
-from megatron_copd.rollout.generate import generate
+from megatron_copd.rollout.generation import generate
 from megatron_copd.rollout.sampling import SamplingParams, derive_seed
 from megatron_copd.rollout.scoring import ScoreSpec, score_responses
 
@@ -39,15 +38,24 @@ def _vlm_inputs(seed: int):
 
 def _rollout(model, g, seed, vision=True, g_samples=2):
     prompts, pixels = _vlm_inputs(seed) if vision else (prompts_for(seed, 4), None)
-    params = SamplingParams(max_new_tokens=R, seed=seed, temperature=0.9, top_p=0.95,
-                            stop_ids=tuple(range(6, 40)))
-    return generate(model, g.pgs, prompts, params, pixels=pixels, samples_per_prompt=g_samples,
-                    kv_batch_size=4)
+    params = SamplingParams(
+        max_new_tokens=R, seed=seed, temperature=0.9, top_p=0.95, stop_ids=tuple(range(6, 40))
+    )
+    return generate(
+        model, g.pgs, prompts, params, pixels=pixels, samples_per_prompt=g_samples, kv_batch_size=4
+    )
 
 
 def _score(model, g, ro):
-    return score_responses(model, g.pgs, ro.sample_prompts(), ro.responses(),
-                           pixels=ro.sample_pixels(), spec=SPEC, micro_batch_size=3)
+    return score_responses(
+        model,
+        g.pgs,
+        ro.sample_prompts(),
+        ro.responses(),
+        pixels=ro.sample_pixels(),
+        spec=SPEC,
+        micro_batch_size=3,
+    )
 
 
 def _diff(a, b, mask):
@@ -92,14 +100,15 @@ def _tp_checks(rank, out):
     _switch_on_sequence_parallel(msp)
     ro_sp = _rollout(msp, g2, 3)
     out["sp_tokens_equal"] = torch.equal(ro_sp.tokens, ro1.tokens)
-    out["sp_restored"] = msp.config.sequence_parallel and msp.language_model.output_layer.sequence_parallel
+    out["sp_restored"] = (
+        msp.config.sequence_parallel and msp.language_model.output_layer.sequence_parallel
+    )
     # scoring at TP=2 vs the same weights at TP=1 with a full-vocabulary reference
     ref = _score(m1, g1, ro1)
     out["tp_score"] = _score_diffs(_score(m2, g2, ro1), ref, ro1.lengths)
     out["sp_score"] = _score_diffs(_score(msp, g2, ro1), ref, ro1.lengths)
     batch = ro1.pack()
-    logits = m1(batch.tokens, batch.position_ids, batch.attention_mask,
-                pixels=ro1.sample_pixels())
+    logits = m1(batch.tokens, batch.position_ids, batch.attention_mask, pixels=ro1.sample_pixels())
     lsm = batch.response_values(torch.log_softmax(logits.double(), -1))
     ref_lp = lsm.gather(-1, batch.response_values(batch.labels)[..., None])[..., 0]
     mask = torch.arange(R)[None] < ro1.lengths[:, None]
@@ -114,15 +123,21 @@ def _tp_checks(rank, out):
     f = full.clone().requires_grad_()
     ref_lsm = torch.log_softmax(f, -1)
     ref_loss = (w1 * ref_lsm.gather(-1, targets[..., None])[..., 0]).sum() + (
-        w2 * -(ref_lsm.exp() * ref_lsm).sum(-1)).sum()
+        w2 * -(ref_lsm.exp() * ref_lsm).sum(-1)
+    ).sum()
     ref_loss.backward()
     part = full[..., tp_rank * shard : (tp_rank + 1) * shard].float().clone().requires_grad_()
     loss = (w1 * vp.token_logprobs(part, targets, g2.pgs.tp)).sum() + (
-        w2 * vp.entropy(part, g2.pgs.tp)).sum()
+        w2 * vp.entropy(part, g2.pgs.tp)
+    ).sum()
     loss.backward()
     out["grad_fn_loss"] = abs(loss.item() - ref_loss.item())
-    out["grad_fn"] = (part.grad.double() - f.grad[..., tp_rank * shard : (tp_rank + 1) * shard]
-                      ).abs().max().item()
+    out["grad_fn"] = (
+        (part.grad.double() - f.grad[..., tp_rank * shard : (tp_rank + 1) * shard])
+        .abs()
+        .max()
+        .item()
+    )
     out["grad_fn_scale"] = f.grad.abs().max().item()
 
     # a log-prob loss through the model: gradients at TP=2 equal TP=1
@@ -130,13 +145,16 @@ def _tp_checks(rank, out):
     for name, m, g in (("tp2", m2, g2), ("tp1", m1, g1)):
         m.train()
         m.zero_grad()
-        logits = m(batch.tokens, batch.position_ids, batch.attention_mask,
-                   pixels=ro1.sample_pixels())
+        logits = m(
+            batch.tokens, batch.position_ids, batch.attention_mask, pixels=ro1.sample_pixels()
+        )
         lp = vp.token_logprobs(logits, batch.labels, g.pgs.tp)
         (-(lp * batch.loss_mask).sum()).backward()
         lm = m.language_model
-        grads[name] = (lm.decoder.final_layernorm.weight.grad.clone(),
-                       lm.embedding.word_embeddings.weight.grad.clone())
+        grads[name] = (
+            lm.decoder.final_layernorm.weight.grad.clone(),
+            lm.embedding.word_embeddings.weight.grad.clone(),
+        )
         m.eval()
     rows = slice(tp_rank * shard, (tp_rank + 1) * shard)
     out["grad_model_norm"] = (grads["tp2"][0] - grads["tp1"][0]).abs().max().item()
@@ -178,21 +196,29 @@ def _exchange(rank, names, edges, tp=1, pp=1, vision=True):
     mine = {Edge(s, t): ro for s, t in edges if s == g.branch}
     stats = {}
     got = score_edges(model, g, edges, mine, spec=SPEC, micro_batch_size=3, stats=stats)
-    res = {"branch": g.branch, "stage_last": g.is_last_stage, "edges": sorted(got),
-           "stats": stats, "tp_rank": g.tp_rank, "pp_rank": g.pp_rank, "dp_rank": g.dp_rank,
-           "n_resp_tokens": int(ro.lengths.sum()), "n_samples": ro.num_samples,
-           "n_prompt_tokens": sum(len(p) for p in ro.prompts), "diffs": {}}
+    res = {
+        "branch": g.branch,
+        "stage_last": g.is_last_stage,
+        "edges": sorted(got),
+        "stats": stats,
+        "tp_rank": g.tp_rank,
+        "pp_rank": g.pp_rank,
+        "dp_rank": g.dp_rank,
+        "n_resp_tokens": int(ro.lengths.sum()),
+        "n_samples": ro.num_samples,
+        "n_prompt_tokens": sum(len(p) for p in ro.prompts),
+        "diffs": {},
+    }
     for e in sorted(mine):
         teacher = build(g, seeds[e.teacher], tp=tp, pp=pp, vision=vision)
         ref = _score(teacher, g, ro)  # collective over the pipeline: every stage calls it
-        own = _score(model, g, ro)
         if ref is not None:
             d = _score_diffs(got[e], ref, ro.lengths)
             width = ro.tokens.shape[1]
             pad = torch.arange(width)[None] >= ro.lengths[:, None]
             d["pad_ids"] = bool((got[e].topk_ids[pad] == -1).all())
             # a different teacher would give different numbers: the check can fail
-            d["differs_from_own"] = _diff(own.logprobs, ref.logprobs, ~pad)
+            d["differs_from_own"] = _diff(ro.logprobs, got[e].logprobs, ~pad)
             res["diffs"][(e.student, e.teacher)] = d
     dist.barrier()
     return res
@@ -295,10 +321,12 @@ def test_exchange_pair_with_dp2_sends_only_what_is_needed(reports):
         n_prompts = 4
         request = 8 * 8 + 4 * (n_prompts + 2 * r["n_samples"] + r["n_prompt_tokens"] + m)
         reply = 4 * m * (2 + k) + 2 * m * k
-        peer = next(x for x in results
-                    if x["branch"] != r["branch"] and x["dp_rank"] == r["dp_rank"])
-        peer_request = 8 * 8 + 4 * (n_prompts + 2 * peer["n_samples"] + peer["n_prompt_tokens"]
-                                    + peer["n_resp_tokens"])
+        peer = next(
+            x for x in results if x["branch"] != r["branch"] and x["dp_rank"] == r["dp_rank"]
+        )
+        peer_request = 8 * 8 + 4 * (
+            n_prompts + 2 * peer["n_samples"] + peer["n_prompt_tokens"] + peer["n_resp_tokens"]
+        )
         peer_reply = 4 * peer["n_resp_tokens"] * (2 + k) + 2 * peer["n_resp_tokens"] * k
         assert r["stats"]["bytes_sent"] == request + peer_reply
         assert r["stats"]["bytes_received"] == peer_request + reply
@@ -320,7 +348,10 @@ def test_edge_list_errors():
 
     g = _G(BranchLayout(("a", "b", "c")))
     assert normalize_edges([("b", "a"), (0, 2)], g) == [Edge(0, 2), Edge(1, 0)]
-    for bad, msg in (([(0, 0)], "own teacher"), ([(0, 3)], "out of range"),
-                     ([(0, 1), ("a", "b")], "duplicates")):
+    for bad, msg in (
+        ([(0, 0)], "own teacher"),
+        ([(0, 3)], "out of range"),
+        ([(0, 1), ("a", "b")], "duplicates"),
+    ):
         with pytest.raises(EdgeError, match=msg):
             normalize_edges(bad, g)

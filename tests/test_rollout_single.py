@@ -12,7 +12,7 @@ from rollout_util import IMAGE_TOKEN, build, full_logits, groups, prompts_for
 
 from megatron_copd.errors import DataError
 from megatron_copd.rollout import layout
-from megatron_copd.rollout.generate import KVDecoder, generate, inference_forward
+from megatron_copd.rollout.generation import KVDecoder, generate, inference_forward
 from megatron_copd.rollout.sampling import SamplingParams
 from megatron_copd.rollout.scoring import ScoreSpec, score_responses
 
@@ -75,15 +75,32 @@ def _single_worker(rank, world):
 
     # --- generation ---------------------------------------------------------------------------
     params = SamplingParams(max_new_tokens=R, seed=11, temperature=0.9, top_p=0.95)
-    a = generate(vlm, g.pgs, vprompts, params, pixels=pixels, samples_per_prompt=3,
-                 kv_batch_size=64)
-    b = generate(vlm, g.pgs, vprompts, params, pixels=pixels, samples_per_prompt=3,
-                 kv_batch_size=2)
-    out["batching_same_tokens"] = torch.equal(a.tokens, b.tokens)
+    a = generate(
+        vlm, g.pgs, vprompts, params, pixels=pixels, samples_per_prompt=3, kv_batch_size=64
+    )
+    b = generate(vlm, g.pgs, vprompts, params, pixels=pixels, samples_per_prompt=3, kv_batch_size=2)
+    # as with Transformer Engine attention: KV batches of equal-length prompts only
+    import megatron_copd.rollout.generation as gen_mod
+
+    real = gen_mod.attention_applies_masks
+    gen_mod.attention_applies_masks = lambda model: False
+    try:
+        c = generate(vlm, g.pgs, vprompts, params, pixels=pixels, samples_per_prompt=3)
+    finally:
+        gen_mod.attention_applies_masks = real
+    out["batching_same_tokens"] = torch.equal(a.tokens, b.tokens) and torch.equal(
+        a.tokens, c.tokens
+    )
     out["batching_lp"] = (a.logprobs - b.logprobs).abs().max().item()
     out["samples_differ"] = not torch.equal(a.tokens[0], a.tokens[1])
-    ref = score_responses(vlm, g.pgs, a.sample_prompts(), a.responses(),
-                          pixels=a.sample_pixels(), spec=ScoreSpec(topk=0, entropy=False))
+    ref = score_responses(
+        vlm,
+        g.pgs,
+        a.sample_prompts(),
+        a.responses(),
+        pixels=a.sample_pixels(),
+        spec=ScoreSpec(topk=0, entropy=False),
+    )
     mask = torch.arange(R)[None] < a.lengths[:, None]
     out["rollout_lp_vs_scoring"] = ((a.logprobs - ref.logprobs).abs() * mask).max().item()
     out["sampling_lp_differs"] = bool(((a.logprobs - a.sampling_logprobs).abs() > 1e-4).any())
@@ -97,7 +114,7 @@ def _single_worker(rank, world):
     out["pad_gen_lp"] = (alone_ro.logprobs[0] - mixed_ro.logprobs[0]).abs().max().item()
 
     # stop ids: make half the vocabulary a stop id so that samples stop early
-    sp = SamplingParams(max_new_tokens=R, seed=2, stop_ids=tuple(range(0, 256)))
+    sp = SamplingParams(max_new_tokens=R, seed=2, stop_ids=tuple(range(256)))
     s = generate(text, g.pgs, prompts, sp, samples_per_prompt=4, pad_id=1)
     ok = True
     for row, n, fin, lp in zip(s.tokens, s.lengths, s.finished, s.logprobs):
@@ -119,10 +136,12 @@ def _single_worker(rank, world):
     from megatron.core.inference.utils import InferenceMode
 
     out["inference_mode_off"] = not InferenceMode.is_active()
+    out["outputs_are_normal_tensors"] = not any(
+        t.is_inference() for t in (gr.tokens, gr.lengths, gr.logprobs, gr.sampling_logprobs)
+    )
     text.train()
     cache_len = max(len(p) for p in prompts) + R  # the rotary table length decoding used
-    tb = layout.pack([prompts[0]], [gr.responses()[0]],
-                     response_width=cache_len - len(prompts[0]))
+    tb = layout.pack([prompts[0]], [gr.responses()[0]], response_width=cache_len - len(prompts[0]))
     logits = text(tb.tokens, tb.position_ids, tb.attention_mask)
     logits.float().sum().backward()
     out["train_backward_ok"] = text.language_model.decoder.final_layernorm.weight.grad is not None
@@ -153,8 +172,9 @@ def _single_worker(rank, world):
         "image_count": _error(lambda: generate(vlm, g.pgs, vprompts, p1, pixels=pixels[:2])),
         "image_partial": _error(lambda: generate(vlm, g.pgs, [[IMAGE_TOKEN] * 3 + [9]], p1)),
         "pixels_text": _error(lambda: generate(text, g.pgs, [[7, 8]], p1, pixels=pixels[:1])),
-        "image_in_response": _error(lambda: score_responses(
-            vlm, g.pgs, [[7, 8]], [[9, IMAGE_TOKEN]])),
+        "image_in_response": _error(
+            lambda: score_responses(vlm, g.pgs, [[7, 8]], [[9, IMAGE_TOKEN]])
+        ),
         "score_too_long": _error(lambda: score_responses(text, g.pgs, [[7] * 100], [[8] * 29])),
     }
     return out
@@ -194,6 +214,7 @@ def test_generation_features(report):
     assert report["stop_ids_ok"] and report["some_stopped_early"]
     assert report["greedy_is_argmax"]
     assert report["inference_mode_off"] and report["train_backward_ok"]
+    assert report["outputs_are_normal_tensors"]
 
 
 def test_scoring_matches_full_vocab_reference(report):
@@ -203,16 +224,19 @@ def test_scoring_matches_full_vocab_reference(report):
     assert report["score_topk_lp"] <= 1e-5
 
 
-@pytest.mark.parametrize("case,expected", [
-    ("empty", "prompt 1: empty"),
-    ("too_long", "prompt 0: 126 prompt tokens + 4 new tokens = 130 exceeds the model context"),
-    ("bad_id", "prompt 0: token id 600 is not an integer in [0, 512)"),
-    ("image_count", "pixels: 2 image(s) given but the prompts hold placeholders for 3 images"),
-    ("image_partial", "not a multiple of tokens_per_image = 4"),
-    ("pixels_text", "pixels: 1 image(s) given to a text-only model"),
-    ("image_in_response", "response 0: contains the image placeholder id"),
-    ("score_too_long", "sequence 0: 100 prompt + 29 response tokens = 129 exceeds"),
-])
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("empty", "prompt 1: empty"),
+        ("too_long", "prompt 0: 126 prompt tokens + 4 new tokens = 130 exceeds the model context"),
+        ("bad_id", "prompt 0: token id 600 is not an integer in [0, 512)"),
+        ("image_count", "pixels: 2 image(s) given but the prompts hold placeholders for 3 images"),
+        ("image_partial", "not a multiple of tokens_per_image = 4"),
+        ("pixels_text", "pixels: 1 image(s) given to a text-only model"),
+        ("image_in_response", "response 0: contains the image placeholder id"),
+        ("score_too_long", "sequence 0: 100 prompt + 29 response tokens = 129 exceeds"),
+    ],
+)
 def test_bad_input_is_one_clear_error(report, case, expected):
     msg = report["errors"][case]
     assert msg.startswith("DataError: ") and expected in msg, msg

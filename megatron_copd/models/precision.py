@@ -6,7 +6,7 @@ Training: BF16 weights and activations, fp32 master weights and fp32 gradient re
 every Transformer Engine linear layer run in FP8 under megatron's per-block ``fp8_autocast``
 (``fp8_utils.get_fp8_context``). The vision tower, projector and LM head stay BF16.
 
-Rollout and scoring (``rollout.generate``, ``rollout.scoring``) wrap their forwards in
+Rollout and scoring (``rollout.generation``, ``rollout.scoring``) wrap their forwards in
 :func:`inference_precision`: by default that switches FP8 off for the duration (megatron builds
 the autocast from ``config.fp8`` inside every block, so an outer ``fp8_autocast(enabled=False)``
 would be overridden; clearing ``config.fp8`` is the switch megatron itself reads). With

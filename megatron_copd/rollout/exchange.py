@@ -39,14 +39,16 @@ import torch.distributed as dist
 
 from megatron_copd.errors import UserError
 from megatron_copd.rollout import inputs, layout
-from megatron_copd.rollout.generate import Rollout, model_device
+from megatron_copd.rollout.generation import Rollout, model_device
 from megatron_copd.rollout.scoring import ScoreSpec, score_packed
 from megatron_copd.runtime.branches import BranchGroups
 from megatron_copd.runtime.distributed import batch_p2p
 
 _HEADER = 8  # n_prompts, n_samples, n_prompt_tokens, n_response_tokens, n_images, H, W, dtype
-_PIXEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PIXEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)
 _WARM_GROUPS: set[int] = set()
+TEACHER_SPEC = ScoreSpec(topk=10, entropy=False)
+"""Default teacher reply: log-probs and the top-10 ids (what OPD and the overlap metric use)."""
 
 
 class EdgeError(UserError, ValueError):
@@ -137,18 +139,20 @@ class _Request:
     pixels: torch.Tensor | None
 
     @classmethod
-    def from_rollout(cls, ro: Rollout, device: torch.device) -> "_Request":
+    def from_rollout(cls, ro: Rollout, device: torch.device) -> _Request:
         prompt_lens = [len(p) for p in ro.prompts]
         lengths = ro.lengths.to(device)
         flat_prompts = [t for p in ro.prompts for t in p]
         resp = layout.ragged_values(ro.tokens.to(device), lengths)
-        ints = torch.cat([
-            torch.tensor(prompt_lens, dtype=torch.int32, device=device),
-            ro.prompt_index.to(device=device, dtype=torch.int32),
-            lengths.to(torch.int32),
-            torch.tensor(flat_prompts, dtype=torch.int32, device=device),
-            resp.to(torch.int32),
-        ])
+        ints = torch.cat(
+            [
+                torch.tensor(prompt_lens, dtype=torch.int32, device=device),
+                ro.prompt_index.to(device=device, dtype=torch.int32),
+                lengths.to(torch.int32),
+                torch.tensor(flat_prompts, dtype=torch.int32, device=device),
+                resp.to(torch.int32),
+            ]
+        )
         pix = ro.pixels
         n_img = 0 if pix is None else pix.shape[0]
         h, w = (pix.shape[2], pix.shape[3]) if n_img else (0, 0)
@@ -172,7 +176,7 @@ class _Request:
 
     def unpack(self) -> tuple[list[list[int]], list[int], list[list[int]]]:
         """-> unique prompts, sample -> prompt index, responses."""
-        n_p, n_s, n_pt, _ = (int(x) for x in self.header[:4])
+        n_p, n_s = int(self.header[0]), int(self.header[1])
         vals = self.ints.long().tolist()
         prompt_lens = vals[:n_p]
         index = vals[n_p : n_p + n_s]
@@ -220,13 +224,46 @@ def _warm_up(group: dist.ProcessGroup, device: torch.device) -> None:
         _WARM_GROUPS.add(id(group))
 
 
+@dataclass
+class _Ctx:
+    """What every phase of one ``score_edges`` call needs about this rank."""
+
+    groups: BranchGroups
+    device: torch.device
+    spec: ScoreSpec
+    ids_dtype: torch.dtype
+    stats: dict[str, int] | None
+
+    @property
+    def tp(self) -> dist.ProcessGroup:
+        return self.groups.pgs.tp
+
+    @property
+    def tp_src(self) -> int:
+        return dist.get_process_group_ranks(self.tp)[0]
+
+    @property
+    def is_tp0(self) -> bool:
+        return self.groups.tp_rank == 0
+
+    def transfer(self) -> _Transfer:
+        return _Transfer(self.groups.cross_group, self.stats)
+
+    def tag(self, e: Edge, i: int) -> int:
+        """Distinct per edge and message (gloo matches messages of one pair by tag)."""
+        return (e.student * self.groups.layout.num_branches + e.teacher) * 32 + i
+
+    def empty_header(self) -> torch.Tensor:
+        return torch.empty(_HEADER, dtype=torch.int64, device=self.device)
+
+
 def score_edges(
     model,
     groups: BranchGroups,
     edges: Iterable,
     rollouts: Mapping[Edge, Rollout],
     *,
-    spec: ScoreSpec = ScoreSpec(topk=10, entropy=False),
+    spec: ScoreSpec = TEACHER_SPEC,
     micro_batch_size: int = 16,
     pad_id: int = 0,
     stats: dict[str, int] | None = None,
@@ -243,121 +280,111 @@ def score_edges(
     ``bytes_sent`` / ``bytes_received``.
     """
     edge_list = normalize_edges(edges, groups)
-    me = groups.branch
     facts = inputs.ModelFacts.of(model)
-    device = model_device(model)
-    as_student = [e for e in edge_list if e.student == me]
-    as_teacher = [e for e in edge_list if e.teacher == me]
-    keyed = {Edge(*k) if not isinstance(k, Edge) else k: v for k, v in rollouts.items()}
-    for e in as_student:
+    as_student = [e for e in edge_list if e.student == groups.branch]
+    as_teacher = [e for e in edge_list if e.teacher == groups.branch]
+    keyed = {k if isinstance(k, Edge) else Edge(*k): v for k, v in rollouts.items()}
+    for e in as_student:  # validate before any communication
         if e not in keyed:
             raise EdgeError(f"edge {e.student}->{e.teacher}: no rollouts given by the student")
-        ro = keyed[e]
-        inputs.check_tokens(ro.responses(), facts, "response", allow_empty=True,
-                            allow_image_tokens=False)
-    tp, pp = groups.pgs.tp, groups.pgs.pp
-    tp_src = dist.get_process_group_ranks(tp)[0]
-    is_tp0 = groups.tp_rank == 0
-    first, last = groups.is_first_stage, groups.is_last_stage
-    cross = groups.cross_group
-    ids_dtype = _ids_dtype(facts.vocab_size)
-    _warm_up(cross, device)
+        inputs.check_tokens(
+            keyed[e].responses(), facts, "response", allow_empty=True, allow_image_tokens=False
+        )
+    ctx = _Ctx(groups, model_device(model), spec, _ids_dtype(facts.vocab_size), stats)
+    _warm_up(groups.cross_group, ctx.device)
 
-    def tag(e: Edge, i: int) -> int:
-        return (e.student * groups.layout.num_branches + e.teacher) * 4 + i
+    outgoing = {e: _Request.from_rollout(keyed[e], ctx.device) for e in as_student}
+    incoming = _exchange_requests(ctx, outgoing, as_teacher)
+    replies = {
+        e: _score_request(model, ctx, incoming[e], facts, micro_batch_size, pad_id)
+        for e in as_teacher
+    }
+    if not groups.is_last_stage:
+        return {}
+    sizes = {e: int(outgoing[e].header[3]) for e in as_student}
+    received = _exchange_replies(ctx, replies, sizes)
+    return {e: _teacher_scores(e, keyed[e], received[e]) for e in as_student}
 
-    # Phase 1: request headers, then payloads (tp-rank-0 peers only).
-    outgoing = {e: _Request.from_rollout(keyed[e], device) for e in as_student}
-    incoming: dict[Edge, _Request] = {}
-    if is_tp0:
-        ph = _Transfer(cross, stats)
-        for e in as_student:
-            ph.send(outgoing[e].header, groups.peer(e.teacher), tag(e, 0))
-        for e in as_teacher:
-            hdr = ph.recv(torch.empty(_HEADER, dtype=torch.int64, device=device),
-                          groups.peer(e.student), tag(e, 0))
-            incoming[e] = _Request(hdr, torch.empty(0), None)
+
+def _exchange_requests(
+    ctx: _Ctx, outgoing: dict[Edge, _Request], as_teacher: list[Edge]
+) -> dict[Edge, _Request]:
+    """Phase 1: headers, then payloads, between TP-rank-0 peers at the same pipeline stage
+    (pixels only to the first stage); then rank 0 of each teacher TP group shares them."""
+    g, first = ctx.groups, ctx.groups.is_first_stage
+    incoming = {e: _Request(ctx.empty_header(), torch.empty(0), None) for e in as_teacher}
+    if ctx.is_tp0:
+        ph = ctx.transfer()
+        for e, req in outgoing.items():
+            ph.send(req.header, g.peer(e.teacher), ctx.tag(e, 0))
+        for e, req in incoming.items():
+            ph.recv(req.header, g.peer(e.student), ctx.tag(e, 0))
         ph.run()
-        for e in as_student:
-            ph.send(outgoing[e].ints, groups.peer(e.teacher), tag(e, 1))
-            if first and outgoing[e].pixels is not None:
-                ph.send(outgoing[e].pixels, groups.peer(e.teacher), tag(e, 2))
-        for e in as_teacher:
-            req = incoming[e]
-            peer = groups.peer(e.student)
-            req.ints = ph.recv(torch.empty(_Request.ints_size(req.header), dtype=torch.int32,
-                                           device=device), peer, tag(e, 1))
+        for e, req in outgoing.items():
+            ph.send(req.ints, g.peer(e.teacher), ctx.tag(e, 1))
+            if first and req.pixels is not None:
+                ph.send(req.pixels, g.peer(e.teacher), ctx.tag(e, 2))
+        for e, req in incoming.items():
+            req.ints = torch.empty(
+                _Request.ints_size(req.header), dtype=torch.int32, device=ctx.device
+            )
+            ph.recv(req.ints, g.peer(e.student), ctx.tag(e, 1))
             shape, dtype = _Request.pixel_shape(req.header)
             if first and shape[0]:
-                req.pixels = ph.recv(torch.empty(shape, dtype=dtype, device=device), peer,
-                                     tag(e, 2))
+                req.pixels = torch.empty(shape, dtype=dtype, device=ctx.device)
+                ph.recv(req.pixels, g.peer(e.student), ctx.tag(e, 2))
         ph.run()
-    # TP partners of the teacher get the requests from their rank 0.
-    if tp.size() > 1:
-        for e in as_teacher:
-            if not is_tp0:
-                incoming[e] = _Request(torch.empty(_HEADER, dtype=torch.int64, device=device),
-                                       torch.empty(0), None)
-            req = incoming[e]
-            dist.broadcast(req.header, src=tp_src, group=tp)
-            if not is_tp0:
-                req.ints = torch.empty(_Request.ints_size(req.header), dtype=torch.int32,
-                                       device=device)
+    if ctx.tp.size() > 1:
+        for req in incoming.values():
+            dist.broadcast(req.header, src=ctx.tp_src, group=ctx.tp)
+            if not ctx.is_tp0:
+                req.ints = torch.empty(
+                    _Request.ints_size(req.header), dtype=torch.int32, device=ctx.device
+                )
             if req.ints.numel():
-                dist.broadcast(req.ints, src=tp_src, group=tp)
+                dist.broadcast(req.ints, src=ctx.tp_src, group=ctx.tp)
             shape, dtype = _Request.pixel_shape(req.header)
             if first and shape[0]:
-                if not is_tp0:
-                    req.pixels = torch.empty(shape, dtype=dtype, device=device)
-                dist.broadcast(req.pixels, src=tp_src, group=tp)
+                if not ctx.is_tp0:
+                    req.pixels = torch.empty(shape, dtype=dtype, device=ctx.device)
+                dist.broadcast(req.pixels, src=ctx.tp_src, group=ctx.tp)
+    return incoming
 
-    # Phase 2: score what my students sent, with my weights (whole pipeline, edges in order).
-    replies: dict[Edge, dict[str, torch.Tensor]] = {}
-    for e in as_teacher:
-        replies[e] = _score_request(model, groups, incoming[e], facts, spec, micro_batch_size,
-                                    pad_id, ids_dtype)
 
-    # Phase 3: replies, teacher last stage -> student last stage.
-    received: dict[Edge, dict[str, torch.Tensor]] = {}
-    if last:
-        if is_tp0:
-            ph = _Transfer(cross, stats)
-            for e in as_teacher:
-                for i, t in enumerate(replies[e].values()):
-                    ph.send(t, groups.peer(e.student), tag(e, 3) * 8 + i)
-            for e in as_student:
-                m = int(outgoing[e].header[3])
-                bufs = _reply_tensors(m, spec, ids_dtype, device)
-                for i, t in enumerate(bufs.values()):
-                    ph.recv(t, groups.peer(e.teacher), tag(e, 3) * 8 + i)
-                received[e] = bufs
-            ph.run()
-        else:
-            for e in as_student:
-                received[e] = _reply_tensors(int(outgoing[e].header[3]), spec, ids_dtype, device)
-        if tp.size() > 1:
-            for e in as_student:
-                for t in received[e].values():
-                    if t.numel():
-                        dist.broadcast(t, src=tp_src, group=tp)
-
-    out = {}
-    for e in as_student:
-        if e in received:
-            out[e] = _teacher_scores(e, keyed[e], received[e])
-    return out
+def _exchange_replies(
+    ctx: _Ctx, replies: dict[Edge, dict[str, torch.Tensor]], sizes: dict[Edge, int]
+) -> dict[Edge, dict[str, torch.Tensor]]:
+    """Phase 3 (last stage only): teacher TP-rank-0 -> student TP-rank-0, whose TP group then
+    gets the reply by broadcast. ``sizes``: response tokens of each of my student edges."""
+    g = ctx.groups
+    received = {e: _reply_tensors(m, ctx.spec, ctx.ids_dtype, ctx.device) for e, m in sizes.items()}
+    if ctx.is_tp0:
+        ph = ctx.transfer()
+        for e, reply in replies.items():
+            for i, t in enumerate(reply.values()):
+                ph.send(t, g.peer(e.student), ctx.tag(e, 3 + i))
+        for e, bufs in received.items():
+            for i, t in enumerate(bufs.values()):
+                ph.recv(t, g.peer(e.teacher), ctx.tag(e, 3 + i))
+        ph.run()
+    if ctx.tp.size() > 1:
+        for bufs in received.values():
+            for t in bufs.values():
+                if t.numel():
+                    dist.broadcast(t, src=ctx.tp_src, group=ctx.tp)
+    return received
 
 
 def _score_request(
     model,
-    groups: BranchGroups,
+    ctx: _Ctx,
     req: _Request,
     facts: inputs.ModelFacts,
-    spec: ScoreSpec,
     micro_batch_size: int,
     pad_id: int,
-    ids_dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
+    """Phase 2: this branch's whole pipeline scores one student's rollouts; on the last stage
+    the reply tensors (response positions only, wire dtypes), elsewhere ``{}``."""
     if int(req.header[3]) == 0:  # nothing to score (every rank of the branch agrees)
         return {}
     prompts, index, responses = req.unpack()
@@ -367,9 +394,10 @@ def _score_request(
     if facts.tokens_per_image and facts.image_token_id is not None:
         counts = [p.count(facts.image_token_id) // facts.tokens_per_image for p in prompts]
     pixels = inputs.select_images(req.pixels, counts, index) if req.pixels is not None else None
+    spec = ctx.spec
     scores = score_packed(
         model,
-        groups.pgs,
+        ctx.groups.pgs,
         batch,
         pixels,
         [counts[i] for i in index],
@@ -384,7 +412,8 @@ def _score_request(
     if spec.entropy:
         out["entropy"] = layout.ragged_values(scores.entropy, lengths)
     if spec.topk:
-        out["topk_ids"] = _to_wire(layout.ragged_values(scores.topk_ids, lengths).to(ids_dtype))
+        ids = layout.ragged_values(scores.topk_ids, lengths).to(ctx.ids_dtype)
+        out["topk_ids"] = _to_wire(ids)
         if spec.topk_logprobs:
             out["topk_logprobs"] = layout.ragged_values(scores.topk_logprobs, lengths)
     return out

@@ -26,7 +26,7 @@ class ModelFacts:
     tokens_per_image: int | None  # None: text-only model
 
     @classmethod
-    def of(cls, model) -> "ModelFacts":
+    def of(cls, model) -> ModelFacts:
         m = unwrap_model(model)
         lm = m.language_model
         has_vision = getattr(m, "tokens_per_image", None) is not None
@@ -69,12 +69,15 @@ def check_tokens(
                 raise DataError(
                     f"{what} {i}: token id {tok!r} is not an integer in [0, {facts.vocab_size})"
                 )
-        if not allow_image_tokens and facts.image_token_id is not None:
-            if facts.image_token_id in s:
-                raise DataError(
-                    f"{what} {i}: contains the image placeholder id {facts.image_token_id}, "
-                    "which may only appear in prompts"
-                )
+        if (
+            not allow_image_tokens
+            and facts.image_token_id is not None
+            and (facts.image_token_id in s)
+        ):
+            raise DataError(
+                f"{what} {i}: contains the image placeholder id {facts.image_token_id}, "
+                "which may only appear in prompts"
+            )
 
 
 def check_context(prompt_lens: list[int], extra: int, facts: ModelFacts, what: str) -> None:

@@ -13,6 +13,11 @@ RoPE is relative and megatron applies it by slot index, so left padding shifts e
 the same amount and leaves every logit unchanged; the padding itself is hidden by the attention
 mask (causal AND key-is-not-padding). ``position_ids`` count from each row's first real token
 (what learned or multimodal position embeddings would need).
+
+Explicit masks need an attention that applies them: megatron's local attention does; Transformer
+Engine's applies its configured mask type (causal) and ignores ``attention_mask``. A full forward
+can instead run on :meth:`PackedBatch.aligned_left` (rows shifted left, causal, no mask) and map
+its results back with :meth:`PackedBatch.from_aligned` — scoring always does that.
 """
 
 from __future__ import annotations
@@ -101,7 +106,25 @@ class PackedBatch:
         p = self.prompt_width
         return label_aligned[:, p - 1 : p - 1 + self.response_width]
 
-    def to(self, device: torch.device | str) -> "PackedBatch":
+    @cached_property
+    def left_pad(self) -> torch.Tensor:
+        """[B] number of padding columns before each row's prompt."""
+        return self.prompt_width - self.prompt_lens
+
+    def aligned_left(self) -> torch.Tensor:
+        """Tokens with each row shifted left by its padding: ``[B, T]`` with only right padding.
+
+        A causal LM needs no attention mask for this form (padding comes after every real token),
+        which is what attention kernels with a fixed causal mask type (Transformer Engine) can
+        do. Map per-column results back with :meth:`from_aligned`.
+        """
+        return shift_rows(self.tokens, -self.left_pad)
+
+    def from_aligned(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-column values ``[B, T, ...]`` computed on :meth:`aligned_left` -> this layout."""
+        return shift_rows(values, self.left_pad)
+
+    def to(self, device: torch.device | str) -> PackedBatch:
         return PackedBatch(
             self.tokens.to(device),
             self.valid.to(device),
@@ -109,6 +132,14 @@ class PackedBatch:
             self.prompt_lens.to(device),
             self.response_lens.to(device),
         )
+
+
+def shift_rows(values: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Roll each row of ``[B, T, ...]`` right by ``shift[b]`` columns (negative: left)."""
+    b, t = values.shape[:2]
+    cols = (torch.arange(t, device=values.device)[None, :] - shift.to(values.device)[:, None]) % t
+    index = cols.view(b, t, *([1] * (values.dim() - 2))).expand_as(values)
+    return values.gather(1, index)
 
 
 def _as_lists(seqs: Sequence[Sequence[int]] | None, n: int) -> list[list[int]]:
@@ -173,7 +204,7 @@ def ragged_values(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 def unragged_values(
-    flat: torch.Tensor, lengths: torch.Tensor, width: int, fill: float | int = 0
+    flat: torch.Tensor, lengths: torch.Tensor, width: int, fill: float = 0
 ) -> torch.Tensor:
     """Inverse of :func:`ragged_values`: ``[sum(lengths), ...]`` -> ``[N, width, ...]``."""
     n = lengths.shape[0]

@@ -86,8 +86,9 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def uniforms(seed: int, sample_ids: torch.Tensor, step: int) -> torch.Tensor:
-    """One uniform in (0, 1) per sample, float64 with 53 random bits, from (seed, id, step)."""
+def uniforms(seed: int, sample_ids: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+    """Uniforms in (0, 1), float64 with 53 random bits, from (seed, sample id, step); ``step``
+    may be a tensor broadcasting against ``sample_ids`` (all steps at once)."""
     k1 = _fmix32_int((seed & _M32) ^ 0x9E3779B9)
     h1 = _fmix32(_fmix32((sample_ids.long() & _M32) ^ k1) ^ (step & _M32))
     h2 = _fmix32(h1 ^ 0x68E31DA4)
@@ -123,11 +124,13 @@ def choose_tokens(
     params: SamplingParams,
     sample_ids: torch.Tensor,
     step: int,
+    u: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pick one token per row of full-vocabulary ``logits [B, V]``.
 
     Sampling inverts the CDF of ``q`` (in float64) at the sample's uniform: one random number per
-    row, so the cost is a softmax and a cumulative sum.
+    row, so the cost is a softmax and a cumulative sum. ``u``: the rows' uniforms for this step
+    if already computed (``uniforms(params.seed, sample_ids, step)``).
     Returns ``(tokens [B] int64, logprob [B], sampling_logprob [B])`` — see the module docstring.
     """
     raw = logits.float()
@@ -138,7 +141,9 @@ def choose_tokens(
     else:
         log_q = torch.log_softmax(x, dim=-1)
         cdf = log_q.double().exp_().cumsum_(dim=-1)
-        u = uniforms(params.seed, sample_ids, step).to(cdf.device) * cdf[:, -1]
+        if u is None:
+            u = uniforms(params.seed, sample_ids, step)
+        u = u.to(cdf.device) * cdf[:, -1]
         tokens = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1)
         tokens.clamp_(max=x.shape[-1] - 1)
         sampling_lp = log_q.gather(-1, tokens[:, None]).squeeze(-1)

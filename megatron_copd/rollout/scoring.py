@@ -6,7 +6,10 @@ reduced with ``vocab_parallel`` (no full-vocabulary gather). This is the same fo
 same log-prob function the training step uses, so scores equal the training engine's numbers.
 
 Results are label-aligned (column ``c`` scores ``tokens[c + 1]``, see ``layout``) over a window of
-columns, and exist on the last pipeline stage only (None on the others).
+columns, and exist on the last pipeline stage only (None on the others). The forward runs on the
+rows shifted left (``PackedBatch.aligned_left``) with megatron's causal mask and no explicit
+attention mask, so it is correct with any attention implementation (Transformer Engine ignores
+explicit masks) and needs no ``[B, 1, T, T]`` mask.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from megatron.core.utils import get_model_config, unwrap_model
 from megatron_copd.models.precision import inference_precision, inference_width_multiple
 from megatron_copd.rollout import inputs, layout
 from megatron_copd.rollout import vocab_parallel as vp
-from megatron_copd.rollout.generate import model_device
+from megatron_copd.rollout.generation import model_device
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,9 @@ class ScoreSpec:
     """Also the log-probs of the top-k ids."""
 
 
+DEFAULT_SPEC = ScoreSpec()
+
+
 @dataclass
 class TokenScores:
     logprobs: torch.Tensor  # [B, W] float32
@@ -47,9 +53,13 @@ class TokenScores:
     topk_ids: torch.Tensor | None = None  # [B, W, k] int64, most likely first
     topk_logprobs: torch.Tensor | None = None  # [B, W, k] float32
 
-    def map(self, fn) -> "TokenScores":
-        return TokenScores(*(None if t is None else fn(t) for t in (
-            self.logprobs, self.entropy, self.topk_ids, self.topk_logprobs)))
+    def map(self, fn) -> TokenScores:
+        return TokenScores(
+            *(
+                None if t is None else fn(t)
+                for t in (self.logprobs, self.entropy, self.topk_ids, self.topk_logprobs)
+            )
+        )
 
 
 def token_stats(
@@ -84,15 +94,15 @@ def _eval_no_grad(model):
         inner.train(was_training)
 
 
-def _forward_step(data_iterator, model, *, spec: ScoreSpec, start: int, tp_group):
+def _forward_step(data_iterator, model, *, spec: ScoreSpec, tp_group):
     mb = next(data_iterator)
-    output = model(mb["tokens"], mb["position_ids"], mb["attention_mask"], pixels=mb["pixels"])
+    output = model(mb["tokens"], mb["position_ids"], None, pixels=mb["pixels"])
 
     def reduce(output_tensor, non_loss_data=False):
-        # output: [b, T, V/tp] on the last stage; window of label columns [start, T - 1)
-        logits = output_tensor[:, start : mb["end"]]
-        targets = mb["labels"][:, start : mb["end"]]
-        return token_stats(logits, targets, spec, tp_group)
+        # output: [b, T, V/tp] on the last stage; pick each row's window columns
+        cols = mb["cols"]
+        logits = output_tensor.gather(1, cols[..., None].expand(-1, -1, output_tensor.shape[-1]))
+        return token_stats(logits, mb["labels"].gather(1, cols), spec, tp_group)
 
     return output, reduce
 
@@ -104,7 +114,7 @@ def score_packed(
     pixels: torch.Tensor | None = None,
     images_per_row: Sequence[int] | None = None,
     *,
-    spec: ScoreSpec = ScoreSpec(),
+    spec: ScoreSpec = DEFAULT_SPEC,
     micro_batch_size: int = 16,
     start: int = 0,
 ) -> TokenScores | None:
@@ -127,11 +137,17 @@ def score_packed(
     # Sequence parallelism splits the width over TP; FP8 scoring needs aligned GEMM rows.
     multiple = inference_width_multiple(model, tp_group.size())
     width = math.ceil(t / multiple) * multiple
+    # Rows shifted left (only right padding): causal attention needs no mask, whatever the
+    # attention implementation; RoPE is relative, so the logits are those of the packed layout.
     tokens = torch.zeros(num_mb * mb, width, dtype=torch.long, device=device)
-    valid = torch.zeros(num_mb * mb, width, dtype=torch.bool, device=device)
-    tokens[:n, :t] = batch.tokens
-    valid[:n, :t] = batch.valid
+    tokens[:n, :t] = batch.aligned_left()
     labels = torch.cat([tokens[:, 1:], tokens[:, -1:]], dim=1)
+    # Window columns [start, T - 1) of the packed layout, per row in the shifted layout.
+    cols = torch.zeros(num_mb * mb, end - start, dtype=torch.long, device=device)
+    cols[:n] = (torch.arange(start, end, device=device)[None, :] - batch.left_pad[:, None]).clamp(
+        min=0
+    )
+    positions = torch.arange(width, device=device).expand(mb, width)
     counts = list(images_per_row) if images_per_row is not None else [0] * n
     if pixels is not None:
         pixels = pixels.to(device)
@@ -139,19 +155,19 @@ def score_packed(
     for i in range(num_mb):
         rows = slice(i * mb, (i + 1) * mb)
         real_rows = range(i * mb, min((i + 1) * mb, n))
-        v = valid[rows]
-        micro_batches.append({
-            "tokens": tokens[rows],
-            "labels": labels[rows],
-            "position_ids": layout.position_ids(v),
-            "attention_mask": layout.attention_mask(v),
-            "pixels": inputs.select_images(pixels, counts, real_rows),
-            "end": end,
-        })
+        micro_batches.append(
+            {
+                "tokens": tokens[rows],
+                "labels": labels[rows],
+                "cols": cols[rows],
+                "position_ids": positions,
+                "pixels": inputs.select_images(pixels, counts, real_rows),
+            }
+        )
     forward_backward = get_forward_backward_func(pp_size=pgs.pp.size(), vp_size=None)
     with _eval_no_grad(model):
         store = forward_backward(
-            forward_step_func=partial(_forward_step, spec=spec, start=start, tp_group=tp_group),
+            forward_step_func=partial(_forward_step, spec=spec, tp_group=tp_group),
             data_iterator=iter(micro_batches),
             model=[model],
             num_microbatches=num_mb,
@@ -180,7 +196,7 @@ def score_responses(
     responses: Sequence[Sequence[int]],
     *,
     pixels: torch.Tensor | None = None,
-    spec: ScoreSpec = ScoreSpec(),
+    spec: ScoreSpec = DEFAULT_SPEC,
     micro_batch_size: int = 16,
     pad_id: int = 0,
 ) -> TokenScores | None:

@@ -25,7 +25,7 @@ from megatron_copd.algorithms.overlap import symmetric_kl_estimate, topk_overlap
 from megatron_copd.data.prompting import EncodedPrompt, encode_prompt
 from megatron_copd.models.precision import sequence_multiple
 from megatron_copd.rollout.exchange import ScoreSpec, score_edges
-from megatron_copd.rollout.generate import Rollout, generate
+from megatron_copd.rollout.generation import Rollout, generate
 from megatron_copd.rollout.sampling import SamplingParams, derive_seed
 from megatron_copd.training.branch_data import BranchData, dp_share
 from megatron_copd.training.losses import policy_loss

@@ -1,10 +1,11 @@
 """Batched autoregressive sampling with a KV cache through the branch's own megatron model.
 
 One call samples ``samples_per_prompt`` responses for every prompt. Prompts are sorted by length
-and cut into KV batches of whole prompt groups (``kv_batch_size // samples_per_prompt`` prompts);
-each KV batch is prefilled once per *prompt* (the vision tower and the prompt run once, then the
-cache rows are copied to the group's samples) and decoded one token per step for the whole batch
-until every sample has hit a stop id or ``max_new_tokens``.
+and cut into KV batches of whole prompt groups (``kv_batch_size // samples_per_prompt`` prompts;
+with Transformer Engine attention, which ignores padding masks, only equal-length prompts share a
+KV batch). Each KV batch is prefilled once per *prompt* (the vision tower and the prompt run
+once, then the cache rows are copied to the group's samples) and decoded one token per step for
+the whole batch until every sample has hit a stop id or ``max_new_tokens``.
 
 The forward is megatron's (``StaticInferenceContext`` KV cache, ``InferenceMode`` so that only the
 last position's logits are materialised and gathered over TP). With PP the hidden states move
@@ -12,8 +13,8 @@ stage to stage each step and the last stage broadcasts the chosen tokens back to
 Sampling is seeded by sample id (see ``sampling``): tokens are independent of batching, identical
 on every TP rank, and equal at any TP/PP size for the same weights.
 
-Gradients are off (``torch.no_grad``, not ``torch.inference_mode``: megatron caches rotary
-tables, and an inference tensor cached here would break a later training backward).
+Decoding runs under ``torch.inference_mode``; what megatron caches meanwhile is dropped on exit
+(see :func:`inference_forward`), and the returned tensors are normal tensors.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.inference.utils import InferenceMode
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import unwrap_model
 
@@ -33,7 +36,7 @@ from megatron_copd.errors import DataError
 from megatron_copd.models.precision import inference_precision
 from megatron_copd.rollout import inputs, layout
 from megatron_copd.rollout.pipeline import PipelineStage
-from megatron_copd.rollout.sampling import SamplingParams, choose_tokens
+from megatron_copd.rollout.sampling import SamplingParams, choose_tokens, uniforms
 
 
 @dataclass
@@ -98,23 +101,38 @@ def _sequence_parallel_off(model):
             setattr(obj, attr, True)
 
 
+def _drop_cached_inference_tensors() -> None:
+    """Forget tensors megatron cached while ``torch.inference_mode`` was on: an inference tensor
+    that a later training step saves for backward is an error. Megatron caches rotary tables
+    (an lru_cache on ``RotaryEmbedding.forward``) and attention scratch space (the global memory
+    buffer); both are rebuilt on demand."""
+    RotaryEmbedding.forward.cache_clear()
+    buffer = parallel_state._GLOBAL_MEMORY_BUFFER
+    if buffer is not None:
+        for key in [k for k, t in buffer.buffer.items() if t.is_inference()]:
+            del buffer.buffer[key]
+
+
 @contextlib.contextmanager
 def inference_forward(model):
-    """Eval mode, no autograd, megatron's InferenceMode, no sequence parallelism (a one-token
-    step cannot be split over TP) and the rollout precision (BF16 unless precision.fp8_rollout,
-    see models.precision); everything is restored on exit."""
+    """Eval mode, ``torch.inference_mode`` (measurably less per-op overhead than no_grad in a
+    token-by-token loop), megatron's InferenceMode, no sequence parallelism (a one-token step
+    cannot be split over TP) and the rollout precision (BF16 unless precision.fp8_rollout, see
+    models.precision); everything is restored on exit. Write results into tensors allocated
+    outside (those stay normal tensors that training may use)."""
     inner = unwrap_model(model)
     was_training = inner.training
     inner.eval()
     try:
         with (
             _sequence_parallel_off(inner),
-            torch.no_grad(),
+            torch.inference_mode(),
             InferenceMode.active(),
             inference_precision(inner),
         ):
             yield
     finally:
+        _drop_cached_inference_tensors()
         inner.train(was_training)
 
 
@@ -161,8 +179,9 @@ class KVDecoder:
         with ``all_logits``)."""
         b, p = tokens.shape
         if b > self.max_batch or p > self.max_len:
-            raise ValueError(f"prefill of [{b}, {p}] exceeds the KV cache [{self.max_batch}, "
-                             f"{self.max_len}]")
+            raise ValueError(
+                f"prefill of [{b}, {p}] exceeds the KV cache [{self.max_batch}, {self.max_len}]"
+            )
         self.ctx.reset()
         logits = self.stage.forward(
             p,
@@ -170,7 +189,8 @@ class KVDecoder:
             self.device,
             input_ids=tokens,
             position_ids=layout.position_ids(valid),
-            attention_mask=layout.attention_mask(valid),
+            # No padding: megatron's own causal mask (cheaper, and what fused kernels expect).
+            attention_mask=None if bool(valid.all()) else layout.attention_mask(valid),
             pixels=pixels,
             inference_context=self.ctx,
             runtime_gather_output=True,
@@ -189,10 +209,11 @@ class KVDecoder:
             value[:length, :n] = value[:length, index]
 
     def step(
-        self, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor
+        self, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None
     ) -> torch.Tensor | None:
         """Feed one token per row. ``key_mask [B, 1, 1, L]`` (True = masked) covers the cache
-        plus this token (``L = length + 1``). Returns logits ``[B, V]``."""
+        plus this token (``L = length + 1``); None when no row has padding. Returns logits
+        ``[B, V]``."""
         b = tokens.shape[0]
         if self.length + 1 > self.max_len:
             raise ValueError(f"decode step beyond the KV cache length {self.max_len}")
@@ -208,6 +229,30 @@ class KVDecoder:
         )
         self.ctx.increment_sequence_len_offset(1)
         return None if logits is None else logits[:, -1]
+
+
+def attention_applies_masks(model) -> bool:
+    """Megatron's local attention applies any ``attention_mask``; Transformer Engine's applies
+    only its configured mask type (causal; the decode step forces no mask) and ignores the
+    explicit one, so left-padded batches would attend to padding."""
+    return not any(
+        type(m).__name__ == "TEDotProductAttention" for m in unwrap_model(model).modules()
+    )
+
+
+def _kv_batches(prompts: list[list[int]], per_batch: int, equal_lengths: bool) -> list[list[int]]:
+    """Prompt indices per KV batch: sorted by length (less padding), or one length per batch
+    when the attention cannot apply padding masks. Results do not depend on the grouping."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    if not equal_lengths:
+        return [order[i : i + per_batch] for i in range(0, len(order), per_batch)]
+    out: list[list[int]] = []
+    for i in order:
+        if out and len(out[-1]) < per_batch and len(prompts[out[-1][0]]) == len(prompts[i]):
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
 
 
 def _check_layout(pgs: ProcessGroupCollection) -> None:
@@ -229,7 +274,10 @@ def generate(
     """Sample ``samples_per_prompt`` responses per prompt (collective over the branch's
     model-parallel group: every TP/PP rank calls it with the same arguments).
 
-    ``pixels [n_images, 3, H, W]``: the prompts' images, batch-major in placeholder order.
+    ``pixels [n_images, 3, H, W]``: the prompts' images (a video: its frames), batch-major in
+    placeholder order; they go through the vision tower once, at prefill.
+    ``kv_batch_size``: sequences decoded together (rounded down to whole prompt groups, at least
+    one prompt's samples).
     Sample ``p * samples_per_prompt + g`` uses sample id ``p * samples_per_prompt + g`` in the
     seeded noise; give each DP rank / step its own ``params.seed``.
     """
@@ -245,9 +293,7 @@ def generate(
     if not 0 <= pad_id < facts.vocab_size or pad_id == facts.image_token_id:
         raise DataError(f"pad_id: {pad_id} must be a vocabulary id other than the image token")
     if facts.image_token_id is not None and facts.image_token_id not in params.banned_ids:
-        params = dataclasses.replace(
-            params, banned_ids=(*params.banned_ids, facts.image_token_id)
-        )
+        params = dataclasses.replace(params, banned_ids=(*params.banned_ids, facts.image_token_id))
 
     g = samples_per_prompt
     n = len(prompt_lists) * g
@@ -258,10 +304,8 @@ def generate(
     sampling_lps = torch.zeros(n, r, dtype=torch.float32, device=device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
 
-    # Similar lengths together (less padding); results do not depend on the grouping.
-    order = sorted(range(len(prompt_lists)), key=lambda i: len(prompt_lists[i]))
     per_batch = max(1, kv_batch_size // g)
-    chunks = [order[i : i + per_batch] for i in range(0, len(order), per_batch)]
+    chunks = _kv_batches(prompt_lists, per_batch, not attention_applies_masks(model))
     if pixels is not None:
         pixels = pixels.to(device)
     with inference_forward(model):
@@ -316,36 +360,45 @@ def _generate_batch(
             logits = logits.repeat_interleave(g, dim=0)
     valid = batch.valid.repeat_interleave(g, dim=0)
     valid[:, p:] = True  # generated tokens are real tokens for later queries
-    key_mask = layout.key_padding_mask(valid)
+    key_mask = None if bool(valid.all()) else layout.key_padding_mask(valid)
     first_position = batch.prompt_lens.repeat_interleave(g)
 
     out_tokens = torch.full((b, r), pad_id, dtype=torch.long, device=device)
     out_lp = torch.zeros(b, r, dtype=torch.float32, device=device)
     out_slp = torch.zeros(b, r, dtype=torch.float32, device=device)
-    lengths = torch.full((b,), r, dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     stop_ids = torch.tensor(params.stop_ids, dtype=torch.long, device=device)
     shared = torch.empty(b, 3, dtype=torch.float64, device=device)
+    if stage.is_last and not params.greedy:  # every step's random numbers at once
+        u = uniforms(params.seed, sample_ids[:, None], torch.arange(r, device=device)[None, :])
     for t in range(r):
         if stage.is_last:
-            y, lp, slp = choose_tokens(logits, params, sample_ids, t)
+            y, lp, slp = choose_tokens(
+                logits, params, sample_ids, t, None if params.greedy else u[:, t]
+            )
         if stage.size > 1:
             # token ids are exact in float64: one broadcast carries all three
             if stage.is_last:
                 torch.stack([y.double(), lp.double(), slp.double()], dim=1, out=shared)
             stage.broadcast_from_last(shared)
             y, lp, slp = shared[:, 0].long(), shared[:, 1].float(), shared[:, 2].float()
-        alive = ~finished
-        out_tokens[:, t] = torch.where(alive, y, pad_id)
-        out_lp[:, t] = torch.where(alive, lp, 0.0)
-        out_slp[:, t] = torch.where(alive, slp, 0.0)
+        out_tokens[:, t], out_lp[:, t], out_slp[:, t] = y, lp, slp
         if stop_ids.numel():
-            stopped = alive & torch.isin(y, stop_ids)
-            lengths[stopped] = t + 1
-            finished |= stopped
+            finished |= torch.isin(y, stop_ids)
             if bool(finished.all()):
                 break
         if t == r - 1:
             break
-        logits = decoder.step(y, first_position + t, key_mask[..., : p + t + 1])
+        step_mask = None if key_mask is None else key_mask[..., : p + t + 1]
+        logits = decoder.step(y, first_position + t, step_mask)
+    # A finished row keeps decoding with the batch; everything after its first stop id goes.
+    lengths = torch.full((b,), r, dtype=torch.long, device=device)
+    if stop_ids.numel():
+        is_stop = torch.isin(out_tokens, stop_ids)
+        first_stop = torch.where(is_stop.any(dim=1), is_stop.int().argmax(dim=1) + 1, r)
+        lengths = torch.minimum(lengths, first_stop)
+        past = torch.arange(r, device=device)[None, :] >= lengths[:, None]
+        out_tokens.masked_fill_(past, pad_id)
+        out_lp.masked_fill_(past, 0.0)
+        out_slp.masked_fill_(past, 0.0)
     return out_tokens, lengths, out_lp, out_slp, finished
