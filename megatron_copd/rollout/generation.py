@@ -52,7 +52,10 @@ class Rollout:
     logprobs: torch.Tensor  # [N, R] float32: log pi(y_t), temperature 1, full vocab; 0 past end
     sampling_logprobs: torch.Tensor  # [N, R] float32: log q(y_t) of the sampling distribution
     finished: torch.Tensor  # [N] bool: ended with a stop id (else hit max_new_tokens)
-    pixels: torch.Tensor | None = None  # the prompts' images, batch-major over prompts
+    pixels: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None
+    """[N, R, k] int64 on the last pipeline stage when ``generate(topk=k)``: the policy's k most
+    likely tokens at each response position (-1 past the end), for the top-k overlap metric."""  # the prompts' images, batch-major over prompts
     images_per_prompt: list[int] | None = None
 
     @property
@@ -270,6 +273,7 @@ def generate(
     samples_per_prompt: int = 1,
     kv_batch_size: int = 64,
     pad_id: int = 0,
+    topk: int = 0,
 ) -> Rollout:
     """Sample ``samples_per_prompt`` responses per prompt (collective over the branch's
     model-parallel group: every TP/PP rank calls it with the same arguments).
@@ -280,6 +284,8 @@ def generate(
     one prompt's samples).
     Sample ``p * samples_per_prompt + g`` uses sample id ``p * samples_per_prompt + g`` in the
     seeded noise; give each DP rank / step its own ``params.seed``.
+    ``topk``: also record the policy's top-k token ids per position (free: the full-vocabulary
+    logits of every step are on the last stage anyway).
     """
     _check_layout(pgs)
     facts = inputs.ModelFacts.of(model)
@@ -303,6 +309,7 @@ def generate(
     logprobs = torch.zeros(n, r, dtype=torch.float32, device=device)
     sampling_lps = torch.zeros(n, r, dtype=torch.float32, device=device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
+    topk_ids = torch.full((n, r, topk), -1, dtype=torch.long, device=device) if topk else None
 
     per_batch = max(1, kv_batch_size // g)
     chunks = _kv_batches(prompt_lists, per_batch, not attention_applies_masks(model))
@@ -322,8 +329,11 @@ def generate(
                 g,
                 params,
                 pad_id,
+                topk,
             )
-            tokens[rows], lengths[rows], logprobs[rows], sampling_lps[rows], finished[rows] = out
+            tokens[rows], lengths[rows], logprobs[rows], sampling_lps[rows], finished[rows] = out[:5]
+            if topk and out[5] is not None:
+                topk_ids[rows] = out[5]
     return Rollout(
         prompts=prompt_lists,
         prompt_index=torch.arange(n, device=device) // g,
@@ -334,6 +344,7 @@ def generate(
         finished=finished,
         pixels=pixels,
         images_per_prompt=counts,
+        topk_ids=topk_ids if topk and pgs.pp.rank() == pgs.pp.size() - 1 else None,
     )
 
 
@@ -345,6 +356,7 @@ def _generate_batch(
     g: int,
     params: SamplingParams,
     pad_id: int,
+    topk: int = 0,
 ):
     """One KV batch: prefill the prompts once, copy each to its ``g`` rows, decode."""
     device, stage = decoder.device, decoder.stage
@@ -367,6 +379,9 @@ def _generate_batch(
     out_lp = torch.zeros(b, r, dtype=torch.float32, device=device)
     out_slp = torch.zeros(b, r, dtype=torch.float32, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
+    out_topk = None
+    if topk and stage.is_last:
+        out_topk = torch.full((b, r, topk), -1, dtype=torch.long, device=device)
     stop_ids = torch.tensor(params.stop_ids, dtype=torch.long, device=device)
     shared = torch.empty(b, 3, dtype=torch.float64, device=device)
     if stage.is_last and not params.greedy:  # every step's random numbers at once
@@ -376,6 +391,8 @@ def _generate_batch(
             y, lp, slp = choose_tokens(
                 logits, params, sample_ids, t, None if params.greedy else u[:, t]
             )
+            if out_topk is not None:
+                out_topk[:, t] = logits.topk(topk, dim=-1).indices
         if stage.size > 1:
             # token ids are exact in float64: one broadcast carries all three
             if stage.is_last:
@@ -401,4 +418,6 @@ def _generate_batch(
         out_tokens.masked_fill_(past, pad_id)
         out_lp.masked_fill_(past, 0.0)
         out_slp.masked_fill_(past, 0.0)
-    return out_tokens, lengths, out_lp, out_slp, finished
+        if out_topk is not None:
+            out_topk.masked_fill_(past[..., None], -1)
+    return out_tokens, lengths, out_lp, out_slp, finished, out_topk

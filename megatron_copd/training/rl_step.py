@@ -24,7 +24,8 @@ from megatron_copd.algorithms.opd import mopd_advantages, opd_advantages
 from megatron_copd.algorithms.overlap import symmetric_kl_estimate, topk_overlap
 from megatron_copd.data.prompting import EncodedPrompt, encode_prompt
 from megatron_copd.models.precision import sequence_multiple
-from megatron_copd.rollout.exchange import ScoreSpec, score_edges
+from megatron_copd.rollout.exchange import score_edges
+from megatron_copd.rollout.scoring import ScoreSpec
 from megatron_copd.rollout.generation import Rollout, generate
 from megatron_copd.rollout.sampling import SamplingParams, derive_seed
 from megatron_copd.training.branch_data import BranchData, dp_share
@@ -74,7 +75,7 @@ class RLStep:
             out.append(cache[key])
         return out
 
-    def _sample(self, records, samples: int, seed: int) -> Rollout:
+    def _sample(self, records, samples: int, seed: int, topk: int = 0) -> Rollout:
         g = self.ctx.cfg.grpo
         enc = self._encode(records)
         pixels = [e.pixels for e in enc if e.pixels is not None]
@@ -85,7 +86,6 @@ class RLStep:
             top_k=g.top_k,
             stop_ids=self.stop_ids,
             seed=seed,
-            topk=self.ctx.cfg.opd.topk,
         )
         return generate(
             self.ctx.branch.model,
@@ -96,6 +96,7 @@ class RLStep:
             samples_per_prompt=samples,
             kv_batch_size=g.rollout_batch_size,
             pad_id=self.pad_id,
+            topk=topk,
         )
 
     def _rewards(self, records, rollout: Rollout, samples: int) -> tuple[torch.Tensor, dict]:
@@ -162,7 +163,8 @@ class RLStep:
             records = dp_share(
                 self.ctx.data.peer_batch(e.teacher, cfg.opd.prompts_per_step), dp_rank, dp_size
             )
-            ro = self._sample(records, cfg.opd.samples_per_prompt, self._seed(plan.step, 1 + k))
+            ro = self._sample(records, cfg.opd.samples_per_prompt, self._seed(plan.step, 1 + k),
+                              topk=cfg.opd.topk)
             rollouts[e] = (records, ro)
 
         # 3. teacher scoring across branches (collective over the world)
