@@ -1,0 +1,133 @@
+"""Real and synthetic torch_dist checkpoints for the checkpoint-tool tests.
+
+Real ones come from the project's model at several layouts in ONE gloo world of 2 processes
+(megatron start-up is the slow part): a base, then branches that load the base, move their
+weights by a branch-specific amount and save at TP=1 (DP=2), TP=2 and PP=2. Synthetic ones are
+written with TorchDistWriter (fast; for refusal and format tests).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_copd.checkpoint.meta import make_meta
+from megatron_copd.checkpoint.torch_dist_io import TorchDistWriter
+
+MODEL = {"hidden_size": 64, "num_layers": 2, "ffn_hidden_size": 128, "vision": {"hidden_size": 32}}
+LAYOUTS = {"tp1": dict(tp=1, pp=1), "tp2": dict(tp=2, pp=1), "pp2": dict(tp=1, pp=2)}
+IMAGE_TOKEN = 5
+
+
+def run_config(tp: int, pp: int):
+    from megatron_copd.config import RunConfig
+    from megatron_copd.config_base import from_dict
+
+    return from_dict(
+        RunConfig, {"branches": [{"name": "a"}], "parallel": {"tp": tp, "pp": pp}, "model": MODEL}
+    )
+
+
+def _build(world: int, tp: int, pp: int, seed: int):
+    from megatron_copd.models.factory import build_model
+    from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
+    from megatron_copd.runtime.megatron_state import init_megatron_state
+
+    cfg = run_config(tp, pp)
+    groups = build_branch_groups(BranchLayout(("a",), tp=tp, pp=pp, dp=world // (tp * pp)))
+    init_megatron_state(groups, seed)
+    return cfg, groups, build_model(cfg, groups.pgs, image_token_id=IMAGE_TOKEN)
+
+
+def save_worker(rank, world, root: str, branches: list[tuple[str, str, float]]):
+    """Save ``root/base`` (TP=1), then each (name, layout, shift) branch: base weights loaded at
+    that layout, every parameter moved by ``shift * sin(arange)`` plus seeded noise."""
+    import torch.distributed as dist
+
+    from megatron_copd.checkpoint.fingerprint import compute_fingerprint
+    from megatron_copd.checkpoint.model_io import load_model, save_model
+
+    root = Path(root)
+    cfg, groups, model = _build(world, 1, 1, seed=7)
+    save_model(model, groups.pgs, root / "base", make_meta(cfg.model, "base", None))
+    fingerprint = compute_fingerprint(root / "base")
+    for i, (name, layout, shift) in enumerate(branches):
+        cfg, groups, model = _build(world, **LAYOUTS[layout], seed=100 + i)
+        load_model(model, groups.pgs, root / "base")
+        gen = torch.Generator().manual_seed(1000 + i)  # same on TP peers: fine, shards differ
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(shift * torch.sin(torch.arange(p.numel(), dtype=p.dtype)).view_as(p))
+                p.add_(0.01 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        save_model(model, groups.pgs, root / name, make_meta(cfg.model, name, fingerprint))
+    dist.barrier()
+    return fingerprint
+
+
+def load_worker(rank, world, ckpt: str, layouts: list[str], resave_root: str):
+    """Load ``ckpt`` at each layout, return its logits (TP-gathered; None off the last PP
+    stage) and save it again under ``resave_root/<layout>`` for an independent comparison."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_copd.checkpoint.model_io import load_model, save_model
+
+    out = {}
+    for layout in layouts:
+        cfg, groups, model = _build(world, **LAYOUTS[layout], seed=999)
+        meta = load_model(model, groups.pgs, ckpt)
+        save_model(model, groups.pgs, Path(resave_root) / layout, meta)
+        if LAYOUTS[layout]["pp"] == 1:
+            out[layout] = gather_from_tensor_model_parallel_region(
+                _logits(model), group=groups.pgs.tp
+            )
+    return out
+
+
+def _logits(model) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    n_img = 16  # (32 / 8) ** 2 patches, the vision defaults
+    ids = torch.randint(6, 512, (2, 24), generator=gen)
+    ids[0, 2 : 2 + n_img] = IMAGE_TOKEN
+    pixels = torch.randn(1, 3, 32, 32, generator=gen)
+    pos = torch.arange(24).unsqueeze(0).expand(2, -1)
+    mask = torch.triu(torch.ones(24, 24, dtype=torch.bool), 1).view(1, 1, 24, 24)
+    with torch.no_grad():
+        return model(ids, pos, mask, pixels=pixels)
+
+
+# -- synthetic checkpoints ------------------------------------------------------------------
+
+
+def write_synthetic(
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    *,
+    chunk_rows: int = 3,
+    meta: dict | None = None,
+    objects: dict[str, object] | None = None,
+    num_files: int = 2,
+) -> Path:
+    """A torch_dist checkpoint whose tensors are cut into ``chunk_rows``-row chunks along dim 0
+    (dim -1 for 1-D) and spread over ``num_files`` files."""
+    with TorchDistWriter(path, num_files=num_files) as w:
+        i = 0
+        for key, t in tensors.items():
+            w.declare_tensor(key, tuple(t.shape), t.dtype)
+            if t.dim() == 0:
+                w.write_chunk(key, (), t)
+                continue
+            for start in range(0, t.shape[0], chunk_rows):
+                offsets = (start,) + (0,) * (t.dim() - 1)
+                w.write_chunk(key, offsets, t[start : start + chunk_rows].clone(), i % num_files)
+                i += 1
+        for key, obj in (objects or {}).items():
+            w.write_object(key, obj)
+        w.write_common_state({})
+        w.meta = meta if meta is not None else synthetic_meta("x", "sha256:base")
+        w.commit()
+    return path
+
+
+def synthetic_meta(branch: str, fingerprint: str | None, **model) -> dict:
+    return make_meta({"hidden_size": 8, **model}, branch, fingerprint)
