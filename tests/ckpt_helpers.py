@@ -11,22 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from model_fixtures import IMAGE_TOKEN, lm_batch, tiny_config
 
 from megatron_copd.checkpoint.meta import make_meta
 from megatron_copd.checkpoint.torch_dist_io import TorchDistWriter
 
-MODEL = {"hidden_size": 64, "num_layers": 2, "ffn_hidden_size": 128, "vision": {"hidden_size": 32}}
 LAYOUTS = {"tp1": dict(tp=1, pp=1), "tp2": dict(tp=2, pp=1), "pp2": dict(tp=1, pp=2)}
-IMAGE_TOKEN = 5
-
-
-def run_config(tp: int, pp: int):
-    from megatron_copd.config import RunConfig
-    from megatron_copd.config_base import from_dict
-
-    return from_dict(
-        RunConfig, {"branches": [{"name": "a"}], "parallel": {"tp": tp, "pp": pp}, "model": MODEL}
-    )
 
 
 def _build(world: int, tp: int, pp: int, seed: int):
@@ -34,7 +24,7 @@ def _build(world: int, tp: int, pp: int, seed: int):
     from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
     from megatron_copd.runtime.megatron_state import init_megatron_state
 
-    cfg = run_config(tp, pp)
+    cfg = tiny_config(tp, pp, vision=True)
     groups = build_branch_groups(BranchLayout(("a",), tp=tp, pp=pp, dp=world // (tp * pp)))
     init_megatron_state(groups, seed)
     return cfg, groups, build_model(cfg, groups.pgs, image_token_id=IMAGE_TOKEN)
@@ -85,15 +75,9 @@ def load_worker(rank, world, ckpt: str, layouts: list[str], resave_root: str):
 
 
 def _logits(model) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    n_img = 16  # (32 / 8) ** 2 patches, the vision defaults
-    ids = torch.randint(6, 512, (2, 24), generator=gen)
-    ids[0, 2 : 2 + n_img] = IMAGE_TOKEN
-    pixels = torch.randn(1, 3, 32, 32, generator=gen)
-    pos = torch.arange(24).unsqueeze(0).expand(2, -1)
-    mask = torch.triu(torch.ones(24, 24, dtype=torch.bool), 1).view(1, 1, 24, 24)
+    b = lm_batch(images_at=2)
     with torch.no_grad():
-        return model(ids, pos, mask, pixels=pixels)
+        return model(b["tokens"], b["position_ids"], b["attention_mask"], pixels=b["pixels"])
 
 
 # -- synthetic checkpoints ------------------------------------------------------------------
