@@ -30,12 +30,23 @@ def _build(world: int, tp: int, pp: int, seed: int):
     return cfg, groups, build_model(cfg, groups.pgs, image_token_id=IMAGE_TOKEN)
 
 
-def save_worker(rank, world, root: str, branches: list[tuple[str, str, float]]):
-    """Save ``root/base`` (TP=1), then each (name, layout, shift) branch: base weights loaded at
-    that layout, every parameter moved by ``shift * sin(arange)`` plus seeded noise."""
+def world_worker(rank, world, root: str, branches: list[tuple[str, str, float]], layouts):
+    """The whole real-model story in one gloo world (megatron start-up is the slow part):
+
+    1. save ``root/base`` (TP=1);
+    2. each (name, layout, shift) branch: base loaded at that layout, every parameter moved by
+       ``shift * sin(arange)`` plus seeded noise, saved at that layout as ``root/<name>``;
+    3. rank 0 merges all branches into ``root/merged`` with the plain function API (no process
+       group involved, as the CoPD engine's final merge does);
+    4. the merged checkpoint loaded at each of ``layouts`` and saved again as
+       ``root/resaved_<layout>`` (compared independently by the test); returns the logits per
+       layout (TP-gathered; only without PP).
+    """
     import torch.distributed as dist
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_copd.checkpoint.fingerprint import compute_fingerprint
+    from megatron_copd.checkpoint.merge import merge_checkpoints
     from megatron_copd.checkpoint.model_io import load_model, save_model
 
     root = Path(root)
@@ -51,27 +62,19 @@ def save_worker(rank, world, root: str, branches: list[tuple[str, str, float]]):
                 p.add_(shift * torch.sin(torch.arange(p.numel(), dtype=p.dtype)).view_as(p))
                 p.add_(0.01 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
         save_model(model, groups.pgs, root / name, make_meta(cfg.model, name, fingerprint))
+    if rank == 0:
+        merge_checkpoints([root / name for name, _, _ in branches], root / "merged")
     dist.barrier()
-    return fingerprint
-
-
-def load_worker(rank, world, ckpt: str, layouts: list[str], resave_root: str):
-    """Load ``ckpt`` at each layout, return its logits (TP-gathered; None off the last PP
-    stage) and save it again under ``resave_root/<layout>`` for an independent comparison."""
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    from megatron_copd.checkpoint.model_io import load_model, save_model
-
-    out = {}
+    logits = {}
     for layout in layouts:
         cfg, groups, model = _build(world, **LAYOUTS[layout], seed=999)
-        meta = load_model(model, groups.pgs, ckpt)
-        save_model(model, groups.pgs, Path(resave_root) / layout, meta)
+        meta = load_model(model, groups.pgs, root / "merged")
+        save_model(model, groups.pgs, root / f"resaved_{layout}", meta)
         if LAYOUTS[layout]["pp"] == 1:
-            out[layout] = gather_from_tensor_model_parallel_region(
+            logits[layout] = gather_from_tensor_model_parallel_region(
                 _logits(model), group=groups.pgs.tp
             )
-    return out
+    return fingerprint, logits
 
 
 def _logits(model) -> torch.Tensor:

@@ -67,7 +67,7 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         stats = merge_checkpoints(
             args.inputs,
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no output written", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(
         f"merged {len(args.inputs)} checkpoints into {stats.output}: {stats.tensors} tensors, "
         f"{stats.bytes_written / 1e9:.2f} GB written, {stats.bytes_read / 1e9:.2f} GB read in "

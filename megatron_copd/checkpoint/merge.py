@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -280,6 +281,8 @@ def _run_jobs(
     bar = _progress_bar(total, progress)
     bar_lock = threading.Lock()
 
+    finished = [threading.Event() for _ in range(workers)]
+
     def loop(index: int) -> None:
         w = states[index]
         try:
@@ -296,22 +299,35 @@ def _run_jobs(
         except BaseException as e:  # noqa: BLE001 - surfaced in the main thread
             errors.append(e)
             stop.set()
+        finally:
+            finished[index].set()
 
-    threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(workers)]
-    for t in threads:
-        t.start()
+    # Workers start with SIGINT/SIGTERM blocked (the mask is inherited), so those signals reach
+    # only this thread, and never while a worker is half started.
+    threads = [threading.Thread(target=loop, args=(i,), name=f"merge-{i}") for i in range(workers)]
     try:
-        for t in threads:
-            while t.is_alive():
-                t.join(0.1)  # wake up regularly so Ctrl-C / SIGTERM reach the main thread
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            for t in threads:
+                t.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        # our own events, not Thread.join: an interrupted join can report a live thread stopped
+        for done in finished:
+            while not done.wait(0.1):  # wake up so Ctrl-C / SIGTERM reach us
+                pass
     except BaseException:
-        stop.set()
-        for t in threads:
-            t.join()
+        stop.set()  # each worker finishes its piece; only then may the caller delete the output
+        for t, done in zip(threads, finished):
+            if t.ident is not None:
+                done.wait()
+                t.join()
         raise
     finally:
         if bar is not None:
             bar.close()
+    for t in threads:
+        t.join()
     if errors:
         raise errors[0]
     return sum(w.bytes_read for w in states)

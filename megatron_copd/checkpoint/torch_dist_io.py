@@ -244,7 +244,9 @@ class TorchDistReader:
         try:
             return torch.load(io.BytesIO(self.read_bytes(key)), weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad entry
-            raise CheckpointError(f"{self.path}: cannot decode {key!r}: {e}") from None
+            raise CheckpointError(
+                f"{self.path}: cannot decode {key!r} ({_first_line(e)})"
+            ) from None
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -343,7 +345,8 @@ class TorchDistReader:
             t = torch.load(FileSlice(self._fd(c.file), c.offset, c.length), weights_only=True)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(
-                f"{self.path / c.file}: corrupted chunk of {info.key!r} at {list(c.offsets)}: {e}"
+                f"{self.path / c.file}: corrupted chunk of {info.key!r} at {list(c.offsets)} "
+                f"({_first_line(e)})"
             ) from None
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != c.sizes:
             raise CheckpointError(
@@ -387,6 +390,11 @@ class Scratch:
         if self._buf.numel() < nbytes:
             self._buf = torch.empty(nbytes, dtype=torch.uint8)
         return self._buf[:nbytes].view(dtype)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 def _chunk(offsets, sizes, info) -> Chunk:
