@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"merged {len(args.inputs)} checkpoints into {stats.output}: {stats.tensors} tensors, "
         f"{stats.bytes_written / 1e9:.2f} GB written, {stats.bytes_read / 1e9:.2f} GB read in "
-        f"{stats.seconds:.1f} s (coefficients {[round(c, 6) for c in stats.coefficients]})"
+        f"{stats.seconds:.2f} s (coefficients {[round(c, 6) for c in stats.coefficients]})"
     )
     return 0
 

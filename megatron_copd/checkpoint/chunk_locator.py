@@ -121,19 +121,25 @@ def _is_c_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 
 
 def locate_chunk(fd: int, offset: int, length: int) -> ChunkLocation | None:
-    """Parse the ``torch.save`` archive at ``[offset, offset + length)`` of ``fd``."""
+    """Parse the ``torch.save`` archive at ``[offset, offset + length)`` of ``fd``.
+
+    Members are read raw through their local headers (not ``ZipFile.read``): archives written
+    with ``torch.serialization.set_crc32_options(False)`` carry no CRC, which torch.load accepts.
+    """
     try:
         with zipfile.ZipFile(FileSlice(fd, offset, length)) as zf:
-            pkl = next((n for n in zf.namelist() if n.endswith("/data.pkl")), None)
-            if pkl is None:
+            pkl = next((i for i in zf.infolist() if i.filename.endswith("/data.pkl")), None)
+            if pkl is None or pkl.compress_type != zipfile.ZIP_STORED:
                 return None
+            pickled = os.pread(fd, pkl.file_size, offset + _member_start(fd, offset, pkl))
             (dtype, key, numel), storage_offset, shape, stride = _TensorPickle(
-                io.BytesIO(zf.read(pkl))
+                io.BytesIO(pickled)
             ).load()
-            record = zf.getinfo(pkl[: -len("data.pkl")] + "data/" + key)
-    except (zipfile.BadZipFile, pickle.UnpicklingError, KeyError, ValueError, TypeError):
+            record = zf.getinfo(pkl.filename[: -len("data.pkl")] + "data/" + key)
+            data_start = _member_start(fd, offset, record)
+    except (zipfile.BadZipFile, pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError):
         return None
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if record.compress_type != zipfile.ZIP_STORED or record.file_size != numel * itemsize:
         return None
     view_numel = 1
@@ -141,12 +147,17 @@ def locate_chunk(fd: int, offset: int, length: int) -> ChunkLocation | None:
         view_numel *= s
     if not _is_c_contiguous(shape, stride) or storage_offset + view_numel > numel:
         return None
-    header = os.pread(fd, _LOCAL_HEADER.size, offset + record.header_offset)
-    if len(header) != _LOCAL_HEADER.size:
+    if data_start + record.file_size > length:
         return None
+    return ChunkLocation(offset + data_start + storage_offset * itemsize, dtype, shape)
+
+
+def _member_start(fd: int, offset: int, info: zipfile.ZipInfo) -> int:
+    """Offset (within the archive) of a member's data, from its local file header."""
+    header = os.pread(fd, _LOCAL_HEADER.size, offset + info.header_offset)
+    if len(header) != _LOCAL_HEADER.size:
+        raise ValueError("short local header")
     fields = _LOCAL_HEADER.unpack(header)
     if fields[0] != _LOCAL_HEADER_MAGIC:
-        return None
-    name_len, extra_len = fields[9], fields[10]
-    data_start = record.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-    return ChunkLocation(offset + data_start + storage_offset * itemsize, dtype, shape)
+        raise ValueError("bad local header")
+    return info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]

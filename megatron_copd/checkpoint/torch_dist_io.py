@@ -206,9 +206,28 @@ class TorchDistReader:
         """A whole tensor, or the box ``offsets``/``sizes`` of it, as a new CPU tensor."""
         info = self.info(key)
         offsets, sizes = self._check_box(info, offsets, sizes)
-        out = torch.empty(sizes, dtype=info.dtype)
-        for box, part in self.iter_region(key, offsets, sizes):
-            out[regions.as_slices(box, offsets)] = part
+        return self.read_into(key, torch.empty(sizes, dtype=info.dtype), offsets)
+
+    def read_into(
+        self,
+        key: str,
+        out: torch.Tensor,
+        offsets: tuple[int, ...] | None = None,
+        scratch: "Scratch | None" = None,
+    ) -> torch.Tensor:
+        """Fill ``out`` (stored dtype) with the box of ``key`` at ``offsets`` of ``out``'s shape.
+
+        Where a chunk's part is contiguous in ``out`` it is read straight from the file into
+        ``out``; otherwise through ``scratch`` (or a temporary) and copied.
+        """
+        info = self.info(key)
+        offsets, sizes = self._check_box(info, offsets, tuple(out.shape))
+        if out.dtype != info.dtype:
+            raise CheckpointError(f"{info.key}: stored as {info.dtype}, asked into {out.dtype}")
+        for ci, chunk in enumerate(info.chunks):
+            box = regions.intersect((offsets, sizes), (chunk.offsets, chunk.sizes))
+            if box is not None:
+                self._read_box_into(info, ci, box, out[regions.as_slices(box, offsets)], scratch)
         return out
 
     def iter_region(
@@ -227,7 +246,11 @@ class TorchDistReader:
             box = regions.intersect((offsets, sizes), (chunk.offsets, chunk.sizes))
             if box is None:
                 continue
-            yield box, self._read_box(info, ci, box, scratch)
+            n = regions.numel(box[1])
+            buf = scratch.tensor(n, info.dtype) if scratch else torch.empty(n, dtype=info.dtype)
+            part = buf.view(box[1])
+            self._read_box_into(info, ci, box, part, None)
+            yield box, part
 
     def read_bytes(self, key: str) -> bytes:
         """The raw bytes of a non-tensor entry (a ``torch.save`` archive)."""
@@ -287,41 +310,36 @@ class TorchDistReader:
             self._locations[cache_key] = loc
         return self._locations[cache_key]
 
-    def _read_box(
-        self, info: TensorInfo, ci: int, box: regions.Box, scratch: "Scratch | None"
-    ) -> torch.Tensor:
+    def _read_box_into(
+        self,
+        info: TensorInfo,
+        ci: int,
+        box: regions.Box,
+        dst: torch.Tensor,
+        scratch: "Scratch | None",
+    ) -> None:
         chunk = info.chunks[ci]
         local = (tuple(o - c for o, c in zip(box[0], chunk.offsets)), box[1])
         loc = self._location(info, ci)
         if loc is None:  # unusual archive: load the whole chunk once, then slice
-            return self._loaded_chunk(info, ci)[regions.as_slices(local, (0,) * len(local[0]))]
-        n = regions.numel(box[1])
-        out = (
-            scratch.tensor(n, info.dtype)
-            if scratch is not None
-            else torch.empty(n, dtype=info.dtype)
-        )
-        out = out.view(box[1])
+            dst.copy_(self._loaded_chunk(info, ci)[regions.as_slices(local, (0,) * len(box[0]))])
+            return
         fd, item = self._fd(chunk.file), info.dtype.itemsize
         if regions.is_contiguous_in(local, chunk.sizes):
-            self._pread_into(
-                fd,
-                out,
-                loc.data_offset + regions.linear_index(local[0], chunk.sizes) * item,
-                info.key,
-            )
-            return out
-        for run in regions.contiguous_runs(local, chunk.sizes):
-            dst = out[regions.as_slices(run, local[0])]
+            start = loc.data_offset + regions.linear_index(local[0], chunk.sizes) * item
+            if dst.is_contiguous():
+                self._pread_into(fd, dst, start, info.key)
+            else:
+                n = regions.numel(box[1])
+                tmp = scratch.tensor(n, info.dtype) if scratch else torch.empty(n, dtype=info.dtype)
+                self._pread_into(fd, tmp, start, info.key)
+                dst.copy_(tmp.view(box[1]))
+            return
+        for run in regions.contiguous_runs(local, chunk.sizes):  # arbitrary boxes (API reads)
             tmp = torch.empty(run[1], dtype=info.dtype)
-            self._pread_into(
-                fd,
-                tmp,
-                loc.data_offset + regions.linear_index(run[0], chunk.sizes) * item,
-                info.key,
-            )
-            dst.copy_(tmp)
-        return out
+            start = loc.data_offset + regions.linear_index(run[0], chunk.sizes) * item
+            self._pread_into(fd, tmp, start, info.key)
+            dst[regions.as_slices(run, local[0])].copy_(tmp)
 
     def _pread_into(self, fd: int, dst: torch.Tensor, offset: int, key: str) -> None:
         view = (

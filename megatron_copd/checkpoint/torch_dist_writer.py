@@ -50,6 +50,31 @@ COMMON_STATE_KEY = "common_state/shard_0_1"
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
 
 
+class _NoCrc:
+    """While any writer is open, ``torch.save`` skips the zip CRC-32 of its records: computing
+    it costs more than writing the bytes, and ``torch.load`` (so DCP and megatron) never checks
+    it. A process-wide torch setting, restored when the last writer closes."""
+
+    _lock = threading.Lock()
+    _users = 0
+    _saved = True
+
+    @classmethod
+    def acquire(cls) -> None:
+        with cls._lock:
+            if cls._users == 0:
+                cls._saved = torch.serialization.get_crc32_options()
+                torch.serialization.set_crc32_options(False)
+            cls._users += 1
+
+    @classmethod
+    def release(cls) -> None:
+        with cls._lock:
+            cls._users -= 1
+            if cls._users == 0:
+                torch.serialization.set_crc32_options(cls._saved)
+
+
 class TorchDistWriter:
     """See the module docstring. ``num_files`` data files; each has its own lock, so one writer
     thread per file never waits on another."""
@@ -79,6 +104,7 @@ class TorchDistWriter:
         self.meta: dict[str, Any] | None = None
         self.bytes_written = 0
         self._done = False
+        _NoCrc.acquire()
 
     # -- entries ------------------------------------------------------------------------------
 
@@ -187,8 +213,13 @@ class TorchDistWriter:
         _write_synced(self.tmp / ".metadata", pickle.dumps(md))  # last: marks the data complete
         _fsync_path(self.tmp)
         self._publish()
-        self._done = True
+        self._finish()
         return self.final
+
+    def _finish(self) -> None:
+        if not self._done:
+            self._done = True
+            _NoCrc.release()
 
     def _publish(self) -> None:
         old = None
@@ -214,7 +245,7 @@ class TorchDistWriter:
                 self._files[i] = None
         if not self._done:
             shutil.rmtree(self.tmp, ignore_errors=True)
-        self._done = True
+        self._finish()
 
     def __enter__(self) -> "TorchDistWriter":
         return self
