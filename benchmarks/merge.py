@@ -11,9 +11,12 @@ chunks cut along each tensor's TP axis), so the merge re-chunks across layouts. 
 For each size and K the script measures, alternating, in the same run on the same disk:
 - limit: one plain sequential pass that reads every input file and writes one output file of the
   merged output's size (8 MiB blocks), then fsyncs it — what `cat inputs > out; sync` costs;
-- merge: tools/merge_checkpoints.py in a subprocess under /usr/bin/time -v (wall time, peak RSS).
+- merge: tools/merge_checkpoints.py in a subprocess: its own time for the merge (checks, stream,
+  fsync, rename) and the process's wall time; peak RSS and peak anonymous RSS (the process's own
+  memory, not mapped library files) polled every 5 ms from /proc; compare with the idle
+  interpreter that imported the merger.
 "warm": inputs in the page cache; "cold": inputs evicted first (posix_fadvise DONTNEED; this
-machine does not allow drop_caches). Baseline RSS = the same interpreter importing the merger.
+machine does not allow drop_caches). Best of --repeat runs for each figure.
 """
 
 from __future__ import annotations
@@ -131,10 +134,36 @@ def limit_pass(inputs: list[Path], out_file: Path, out_bytes: int) -> float:
     return dt
 
 
+def _status_kb(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def run_polled(cmd: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float, int, int]:
+    """Run ``cmd`` (a python process), polling its anonymous RSS every 5 ms; returns the
+    completed process, wall time, peak RssAnon and peak VmRSS (KiB)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    anon = rss = 0
+    while proc.poll() is None:
+        anon = max(anon, _status_kb(proc.pid, "RssAnon"))
+        rss = max(rss, _status_kb(proc.pid, "VmRSS"))
+        time.sleep(0.005)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), wall, anon, rss
+
+
 def run_merge(inputs: list[Path], out: Path, args) -> dict:
     cmd = [
-        "/usr/bin/time",
-        "-v",
         sys.executable,
         str(TOOL),
         "--inputs",
@@ -149,29 +178,25 @@ def run_merge(inputs: list[Path], out: Path, args) -> dict:
         cmd += ["--chunk-mb", str(args.chunk_mb)]
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
     shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
+    proc, wall, anon, rss = run_polled(cmd, env)
     if proc.returncode != 0:
         raise SystemExit(f"merge failed:\n{proc.stdout}\n{proc.stderr}")
     inner = float(re.search(r"GB read in ([\d.]+) s", proc.stdout).group(1))
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    return {"wall": wall, "merge": inner, "rss_mb": rss / 1024, "out_bytes": dir_bytes(out)}
+    return {
+        "wall": wall,
+        "merge": inner,
+        "anon_mb": anon / 1024,
+        "rss_mb": rss / 1024,
+        "out_bytes": dir_bytes(out),
+    }
 
 
-def baseline_rss_mb() -> float:
-    code = "import megatron_copd.checkpoint.merge, tools.merge_checkpoints"
+def baseline_rss_mb() -> tuple[float, float]:
+    """(RssAnon, VmRSS) of the same interpreter with the merger imported, idle."""
+    code = "import time, megatron_copd.checkpoint.merge, tools.merge_checkpoints; time.sleep(1)"
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        ["/usr/bin/time", "-v", sys.executable, "-c", code],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    return (
-        int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) / 1024
-    )
+    _, _, anon, rss = run_polled([sys.executable, "-c", code], env)
+    return anon / 1024, rss / 1024
 
 
 def main() -> None:
@@ -194,15 +219,16 @@ def main() -> None:
     print(f"disk: {free / 2**30:.1f} GiB free under {root}, need about {need / 2**30:.1f} GiB")
     if free < need:
         raise SystemExit("not enough disk space")
+    base_anon, base_rss = baseline_rss_mb()
     print(
-        f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
-        f"dtype {args.dtype}; baseline RSS (python + torch + merger imported): "
-        f"{baseline_rss_mb():.0f} MiB"
+        f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; dtype "
+        f"{args.dtype}; idle interpreter with the merger imported: RSS {base_rss:.0f} MiB, "
+        f"anonymous {base_anon:.0f} MiB"
     )
     dtype = DTYPES[args.dtype]
     header = (
         f"{'size':>6} {'K':>2} {'mode':>5} {'limit s':>8} {'merge s':>8} {'ratio':>6} "
-        f"{'proc s':>7} {'GB/s in':>8} {'peak RSS MiB':>12}"
+        f"{'proc s':>7} {'GB/s in':>8} {'peak RSS':>9} {'peak anon':>9} (MiB)"
     )
     print(header)
     try:
@@ -230,7 +256,8 @@ def main() -> None:
                     print(
                         f"{size_gb:>5g}G {k:>2} {mode:>5} {best_l:>8.2f} {best_m['merge']:>8.2f} "
                         f"{best_m['merge'] / best_l:>6.2f} {best_m['wall']:>7.2f} "
-                        f"{in_bytes / best_m['merge'] / 1e9:>8.2f} {best_m['rss_mb']:>12.0f}",
+                        f"{in_bytes / best_m['merge'] / 1e9:>8.2f} {best_m['rss_mb']:>9.0f} "
+                        f"{best_m['anon_mb']:>9.0f}",
                         flush=True,
                     )
             shutil.rmtree(out, ignore_errors=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import shutil
 import signal
 import sys
@@ -299,9 +298,8 @@ def _as_fp32(x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
 def _run_jobs(
     plan: _Plan, writer: TorchDistWriter, workers: int, total: int, progress: bool
 ) -> int:
-    jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-    for job in plan.jobs:
-        jobs.put(job)
+    next_job = iter(range(len(plan.jobs)))
+    next_lock = threading.Lock()
     stop = threading.Event()
     errors: list[BaseException] = []
     states = [_Worker(len(plan.readers)) for _ in range(workers)]
@@ -314,10 +312,15 @@ def _run_jobs(
         w = states[index]
         try:
             while not stop.is_set():
-                try:
-                    job = jobs.get_nowait()
-                except queue.Empty:
+                with next_lock:
+                    i = next(next_job, None)
+                if i is None:
                     return
+                job = plan.jobs[i]
+                if i + workers < len(plan.jobs):  # what this worker will likely take next
+                    ahead = plan.jobs[i + workers]
+                    for r in plan.readers + ([plan.base] if plan.base else []):
+                        r.prefetch(ahead.key, ahead.offsets, ahead.sizes)
                 out = _merge_piece(plan, job, w)
                 t0 = time.perf_counter()
                 writer.write_chunk(job.key, job.offsets, out, file_index=index)
