@@ -9,10 +9,12 @@ task_arithmetic:  out = base + sum_k w_k * (theta_k - base)      (weights not no
 
 How: every output tensor is cut into pieces of about ``chunk_mb`` (fp32) that span the full
 extent of their trailing dims (``regions.split_rows``), so each piece meets each stored chunk of
-each input — whatever TP/PP saved it — in one contiguous run, read straight into a reusable
-buffer. Pieces are accumulated in fp32 and written as chunks of the output by ``workers`` threads,
-one output data file each (file reads and writes, and torch's kernels, release the GIL). Memory
-is a few pieces per worker, independent of the model size.
+each input — whatever TP/PP saved it — in one contiguous run. Each input's piece is gathered
+into a reusable buffer (read straight from the file where the chunk layout allows), the pieces
+are combined in fp32 in cache-sized blocks, and the result is written as a chunk of the output.
+``workers`` threads do this side by side, one output data file each (file I/O and torch's kernels
+release the GIL), each prefetching its next piece. Memory is a few pieces per worker,
+independent of the model size.
 
 By default only the model weights (``model.*``) go to the output, with the model part of
 megatron's common state and the modules' ``_extra_state`` copied from the first input.
