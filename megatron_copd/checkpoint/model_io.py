@@ -10,7 +10,6 @@ a checkpoint saved at one layout loads at any other.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -20,9 +19,9 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from megatron_copd.checkpoint.meta import META_FILE, read_meta, write_meta  # noqa: F401
 from megatron_copd.errors import CheckpointError
 
-META_FILE = "copd_meta.json"
 MODEL_PREFIX = "model."
 
 
@@ -42,20 +41,10 @@ def save_model(model, pgs, ckpt_dir: str | os.PathLike, meta: dict[str, Any]) ->
     dist.barrier()
     dist_checkpointing.save(sharded_model_state(model, pgs), str(tmp))
     if dist.get_rank() == 0:
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        write_meta(tmp, meta)
         os.replace(tmp, final)
     dist.barrier()
     return final
-
-
-def read_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(ckpt_dir) / META_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{ckpt_dir}: not a megatron-copd checkpoint (no {META_FILE})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: corrupted metadata ({e.msg} at line {e.lineno})") from None
 
 
 def load_model(model, pgs, ckpt_dir: str | os.PathLike, process_group=None) -> dict[str, Any]:
