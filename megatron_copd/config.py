@@ -385,7 +385,7 @@ def validate(
     g = cfg.grpo
     _check_positive(g, "grpo", ["prompts_per_step", "group_size", "max_new_tokens"])
     if not (0 <= g.eps_low < 1) or g.eps_high < 0:
-        raise ConfigError(f"grpo.eps_low/eps_high: expected 0 <= eps_low < 1 and eps_high >= 0")
+        raise ConfigError("grpo.eps_low/eps_high: expected 0 <= eps_low < 1 and eps_high >= 0")
     if g.temperature <= 0:
         raise ConfigError(f"grpo.temperature: expected > 0, got {g.temperature}")
     if not 0 < g.top_p <= 1:

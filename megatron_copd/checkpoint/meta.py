@@ -33,6 +33,8 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: corrupted metadata ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: corrupted metadata ({e.reason})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: corrupted metadata (expected a JSON object)")
     return meta

@@ -139,12 +139,10 @@ class RLStep:
         trains = self.name in plan.trains
 
         # 1. native GRPO batch
-        native_rewards = None
         if self.name in plan.native:
             records = dp_share(self.ctx.data.native_batch(g.prompts_per_step), dp_rank, dp_size)
             ro = self._sample(records, g.group_size, self._seed(plan.step, 0))
             rewards, rstats = self._rewards(records, ro, g.group_size)
-            native_rewards = rewards
             adv = group_advantages(rewards, g.group_size, g.adv_eps)
             keep = torch.ones(ro.num_samples, dtype=torch.bool)
             zero_var = zero_variance_groups(rewards, g.group_size)

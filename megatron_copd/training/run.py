@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,6 @@ from megatron_copd.training.evaluation import evaluate_domain
 from megatron_copd.training.reporting import Reporter
 from megatron_copd.training.rl_step import RLStep, StepContext
 from megatron_copd.training.schedule import Schedule
-from megatron_copd.training.topology import Edge, teachers_of
 
 
 def _log(msg: str) -> None:
