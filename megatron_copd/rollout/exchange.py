@@ -79,11 +79,12 @@ class TeacherScores:
 
 
 def normalize_edges(edges: Iterable, groups: BranchGroups) -> list[Edge]:
-    """Edges given as ``Edge``, ``(student, teacher)`` indices or branch names -> sorted Edges."""
+    """Edges given as objects with ``student``/``teacher`` (this module's ``Edge`` or the
+    topology's), or ``(student, teacher)`` pairs, by index or branch name -> sorted Edges."""
     layout_ = groups.layout
     out = []
     for e in edges:
-        s, t = (e.student, e.teacher) if isinstance(e, Edge) else tuple(e)
+        s, t = (e.student, e.teacher) if hasattr(e, "student") else tuple(e)
         s = layout_.branch_index(s) if isinstance(s, str) else int(s)
         t = layout_.branch_index(t) if isinstance(t, str) else int(t)
         for b in (s, t):
@@ -283,7 +284,7 @@ def score_edges(
     facts = inputs.ModelFacts.of(model)
     as_student = [e for e in edge_list if e.student == groups.branch]
     as_teacher = [e for e in edge_list if e.teacher == groups.branch]
-    keyed = {k if isinstance(k, Edge) else Edge(*k): v for k, v in rollouts.items()}
+    keyed = {normalize_edges([k], groups)[0]: v for k, v in rollouts.items()}
     for e in as_student:  # validate before any communication
         if e not in keyed:
             raise EdgeError(f"edge {e.student}->{e.teacher}: no rollouts given by the student")

@@ -96,7 +96,7 @@ class BranchModel:
         self.optimizer = get_megatron_optimizer(
             opt_config, self.chunks, use_gloo_process_groups=False, pg_collection=pgs
         )
-        decay = max(1, total_steps)
+        decay = max(1, total_steps, o.warmup_steps + 1)  # megatron asserts warmup < decay
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
             init_lr=0.0 if o.warmup_steps else o.lr,

@@ -172,8 +172,8 @@ class RLStep:
             scores = score_edges(
                 self.ctx.branch.model,
                 groups,
-                [(e.student, e.teacher) for e in all_edges],
-                {(e.student, e.teacher): ro for e, (_, ro) in rollouts.items()},
+                all_edges,
+                {e: ro for e, (_, ro) in rollouts.items()},
                 spec=ScoreSpec(topk=cfg.opd.topk, entropy=False),
                 micro_batch_size=g.micro_batch_size,
                 pad_id=self.pad_id,
