@@ -18,6 +18,7 @@ The writer lives in ``torch_dist_writer`` and is re-exported here.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -99,7 +100,12 @@ class TorchDistReader:
         self.metadata = _read_metadata(self.path)
         self._tensors: dict[str, TensorInfo] = {}
         self._bytes: dict[str, Chunk] = {}
-        self._index()
+        try:
+            self._index()
+        except (AttributeError, TypeError, ValueError) as e:  # an index of the wrong shape
+            raise CheckpointError(
+                f"{self.path / DCP_METADATA_FILE}: corrupted metadata ({_first_line(e)})"
+            ) from None
         self._fds: dict[str, int] = {}
         self._fd_lock = threading.Lock()
         self._locations: dict[tuple[str, int], ChunkLocation | None] = {}
@@ -189,8 +195,9 @@ class TorchDistReader:
             raise CheckpointError(f"{self.path}: copd_meta.json has no model config ('model')")
         return model
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
+        """``compute_fingerprint`` of this checkpoint (computed once)."""
         from megatron_copd.checkpoint.fingerprint import compute_fingerprint
 
         return compute_fingerprint(self)
