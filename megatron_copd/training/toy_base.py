@@ -96,7 +96,7 @@ def ensure_toy_base(cfg: RunConfig, world, tokenizer, tokenizer_dir: str, cache_
         if (step + 1) % 50 == 0 or step == 0:
             log(f"toy base warm-up {step + 1}/{steps}: loss {result.metrics.get('loss', 0):.3f}")
     meta = {"kind": "toy-base", "model": to_dict(cfg.model), "warmup_steps": steps,
-            "tokenizer": str(tokenizer_dir), "base_fingerprint": path.name}
+            "tokenizer": str(tokenizer_dir), "base_fingerprint": None}
     # One private name for this build (agreed by all ranks), renamed into place when complete:
     # a concurrent run building the same base cannot interleave with this one.
     name = [f"{path.name}.build-{os.getpid()}"]
