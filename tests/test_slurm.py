@@ -1,9 +1,10 @@
 """The sbatch scripts against a REAL single-node SLURM (munge + slurmctld + slurmd on localhost).
 
-One job of the 2-branch script runs on 2 tasks through slurm/launch.sh, exactly the path a
-cluster run takes. It is preempted with SIGUSR1 to the batch shell while it runs: the trap
-forwards the signal to the srun step, both ranks agree to stop and exit with EXIT_REQUEUE, the
-launcher requeues the job, and the job runs again with SLURM_RESTART_COUNT=1 and finishes.
+One job of the 2-branch script runs `copd train` (a tiny toy CoPD run) on 2 tasks through
+slurm/launch.sh, exactly the path a cluster run takes. It is preempted with SIGUSR1 to the batch
+shell while it trains: the trap forwards the signal to the srun step, both ranks finish the step,
+write a checkpoint and exit with EXIT_REQUEUE, the launcher requeues the job, and the job runs
+again with SLURM_RESTART_COUNT=1, resumes from the checkpoint and finishes.
 `sbatch --wait` follows the job through the requeue and returns the final exit code.
 
 Skipped when SLURM/munge are not installed (.ci/run installs them) or when not root.
@@ -21,17 +22,16 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from local_slurm import LocalSlurm, missing_binaries
+from test_engine import TINY
 
 from megatron_copd.runtime.exit_codes import EXIT_REQUEUE
 
 REPO = Path(__file__).resolve().parents[1]
 
-# What every rank runs. `copd selftest` until the training engine exists; then switch to
-#   f"{sys.executable} -m megatron_copd.cli train"
-# and also assert the run directory's checkpoints/<branch>/latest below.
-JOB_COMMAND = f"{sys.executable} -m megatron_copd.cli selftest --hold 8"
-JOB_CONFIG = "megatron_copd/configs/toy_copd.yaml"
+# What every rank runs: the training entry point on a tiny toy CoPD config (tests/test_engine.py).
+JOB_COMMAND = f"{sys.executable} -m megatron_copd.cli train"
 # sbatch options that shrink the script's cluster-sized request to this machine.
 LOCAL_SBATCH = [
     "--nodes=1",
@@ -83,12 +83,17 @@ def test_sbatch_two_branch_job_is_preempted_requeued_and_finishes(cluster, tmp_p
     assert " idle " in sinfo
     run_dir, log_dir = tmp_path / "run", tmp_path / "logs"
     out = tmp_path / "job-%j.out"
+    cfg = json.loads(json.dumps(TINY))
+    cfg["schedule"] = {"cycles": 4, "s_rl": 2, "s_opd": 2}  # still training when the signal comes
+    cfg["data"]["cache_dir"] = str(tmp_path / "cache")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg))
     env = {
         **cluster.env,
         "COPD_HOME": str(REPO),
         "COPD_LOG_DIR": str(log_dir),
         "COPD_TRAIN_CMD": JOB_COMMAND,
-        "COPD_CONFIG": JOB_CONFIG,
+        "COPD_CONFIG": str(config),
         "COPD_OVERRIDES": f"run_dir={run_dir}",
         "PYTHONPATH": str(REPO),
         "PYTHONWARNINGS": "ignore",
@@ -113,12 +118,17 @@ def test_sbatch_two_branch_job_is_preempted_requeued_and_finishes(cluster, tmp_p
         def text() -> str:
             return job_out.read_text(errors="replace") if job_out.exists() else ""
 
-        # Preempt once the ranks are up and in their (training-like) loop.
-        _wait_for(lambda: "holding" in text() or "error" in text(), 180, "the job to start")
-        assert "holding" in text(), text()
+        # Preempt once the ranks are training (a step has been logged).
+        metrics = run_dir / "metrics.jsonl"
+
+        def training() -> bool:
+            return ('"step": 1' in metrics.read_text()) if metrics.exists() else False
+
+        _wait_for(lambda: training() or "Error" in text(), 300, "the job to train")
+        assert training(), text()
         t_signal = time.monotonic()
         cluster.run(["scancel", "--signal=USR1", "--batch", job])
-        rc = sbatch.wait(timeout=240)
+        rc = sbatch.wait(timeout=400)
         t_end = time.monotonic()
     finally:
         if sbatch.poll() is None:
@@ -135,7 +145,7 @@ def test_sbatch_two_branch_job_is_preempted_requeued_and_finishes(cluster, tmp_p
     # First run: signal forwarded, both ranks stopped with the requeue code, job requeued.
     assert f"job {job} (restart 0)" in log, context
     assert "received SIGUSR1: forwarding" in log, context
-    assert "copd selftest: OK, stopped by SIGUSR1 (requeue)" in log, context
+    assert "preempted: checkpoint written, exiting for requeue" in log, context
     assert f"requeueing job {job}" in log, context
     # Second run: SLURM_RESTART_COUNT=1, not signalled, finished cleanly.
     assert f"job {job} (restart 1)" in log, context
@@ -143,13 +153,15 @@ def test_sbatch_two_branch_job_is_preempted_requeued_and_finishes(cluster, tmp_p
     if state:  # finished jobs are purged after MinJobAge
         assert "Restarts=1" in state, context
 
-    records = [json.loads(line) for line in (run_dir / "selftest.jsonl").read_text().splitlines()]
-    assert [r["restart_count"] for r in records] == [0, 1]
-    assert [r["preempted_by"] for r in records] == ["SIGUSR1", None]
-    for r in records:
-        assert r["ok"] and r["launcher"] == "slurm" and r["world_size"] == 2, r
-        assert r["slurm_job_id"] == job
-        assert {x["branch"] for x in r["ranks"]} == {"text", "image"}
+    # The second run resumed from the preemption checkpoint and every step ran exactly once.
+    assert "resumed from" in log, context
+    steps = [(r["branch"], r["step"]) for r in map(json.loads, (run_dir / "metrics.jsonl")
+             .read_text().splitlines()) if "branch" in r and "teacher" not in r
+             and r.get("kind") != "eval"]
+    assert sorted(steps) == sorted((b, k) for b in ("text", "image") for k in range(16)), steps
+    for b in ("text", "image"):
+        assert (run_dir / "checkpoints" / b / "latest").read_text().strip() == "iter_0000016"
+    assert set(json.loads((run_dir / "results.json").read_text())["merged"]) == {"text", "image"}
     launch_log = (log_dir / f"copd-2branch-{job}" / "launch.txt").read_text()
     assert launch_log.count("restart=") == 2 and "restart=1" in launch_log
 

@@ -109,12 +109,20 @@ def _gather_by_branch(value, groups) -> list:
 
 
 def run_training(cfg: RunConfig) -> int:
-    from megatron_copd.rewards import RewardPool
-    from megatron_copd.runtime.exit_codes import EXIT_OK, EXIT_REQUEUE
     from megatron_copd.runtime.preemption import PreemptionHandler
-    from megatron_copd.training.checkpointing import CheckpointManager
 
     init_distributed()
+    # Installed first, so that a SIGTERM/SIGUSR1 during start-up is not fatal: it is acted on at
+    # the first step boundary (checkpoint, then exit for requeue).
+    with PreemptionHandler(cfg.checkpoint.grace_seconds) as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: RunConfig, stop) -> int:
+    from megatron_copd.rewards import RewardPool
+    from megatron_copd.runtime.exit_codes import EXIT_OK, EXIT_REQUEUE
+    from megatron_copd.training.checkpointing import CheckpointManager
+
     run_dir = Path(cfg.run_dir)
     if dist.get_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,15 +171,14 @@ def run_training(cfg: RunConfig) -> int:
             _log("base accuracy: " + _fmt(results["base"]))
 
         step = RLStep(StepContext(cfg, groups, branch, res.tokenizer, data, rewards, cache))
-        with PreemptionHandler(cfg.checkpoint.grace_seconds) as stop:
-            while not schedule.done():
-                plan = schedule.peek()
-                metrics, edge_metrics = step.run(plan)
-                schedule.observe(reporter.step(plan, metrics, edge_metrics))
-                schedule.advance()
-                if ckpt.after_step(schedule.position, branch, engine_state, stop):
-                    _log("preempted: checkpoint written, exiting for requeue")
-                    return EXIT_REQUEUE
+        while not schedule.done():
+            plan = schedule.peek()
+            metrics, edge_metrics = step.run(plan)
+            schedule.observe(reporter.step(plan, metrics, edge_metrics))
+            schedule.advance()
+            if ckpt.after_step(schedule.position, branch, engine_state, stop):
+                _log("preempted: checkpoint written, exiting for requeue")
+                return EXIT_REQUEUE
         ckpt.save(schedule.total_steps, branch, engine_state)
         ckpt.wait()
 
