@@ -77,15 +77,25 @@ def copy_hf_tokenizer(src: Path, dst: Path, image_token_id: int | None) -> Token
             shutil.copyfile(src / name, dst / name)
     image_token = None
     if image_token_id is not None:
-        image_token = hf_added_tokens(src).get(image_token_id)
-        if image_token is None:
-            raise CheckpointError(
-                f"{src}: config.json's image_token_id {image_token_id} is not an added token "
-                f"of the tokenizer"
-            )
+        image_token = hf_added_tokens(src).get(image_token_id) or _token_of(src, image_token_id)
     info = {"library": "huggingface", "image_token": image_token}
     (dst / COPD_FILE).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
     return TokenizerInfo("huggingface", None, None, None, image_token, image_token_id)
+
+
+def _token_of(d: Path, token_id: int) -> str:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types
+        raise CheckpointError(f"{d}: transformers cannot load the tokenizer: {e}") from None
+    token = tok.convert_ids_to_tokens(token_id)
+    if token is None or token_id >= len(tok):
+        raise CheckpointError(
+            f"{d}: config.json's image_token_id {token_id} is not in the tokenizer's vocabulary"
+        )
+    return token
 
 
 def copy_files(src: Path, dst: Path, names: tuple[str, ...]) -> list[str]:
