@@ -2,7 +2,7 @@
 """Export a torch_dist checkpoint (merged or one branch, any TP/PP) to Hugging Face format.
 
     python tools/convert_to_hf.py --checkpoint DIR --output HF_DIR [--tokenizer TOK_DIR]
-        [--dtype fp32|bf16|fp16] [--text-only] [--prefix model.] [--max-shard-gb 5]
+        [--no-tokenizer] [--dtype fp32|bf16|fp16] [--text-only] [--prefix model.] [--max-shard-gb 5]
         [--workers 4] [--overwrite]
 
 Streams tensor by tensor on CPU without building the model; writes safetensors shards +
@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch_dist checkpoint directory (or a branch directory with 'latest')")
     p.add_argument("--output", required=True, help="output Hugging Face model directory")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
+    p.add_argument("--no-tokenizer", action="store_true",
+                   help="weights and config only (text models; special token ids left unset)")
     p.add_argument("--dtype", choices=DTYPES, help="output dtype (default: the checkpoint's)")
     p.add_argument("--text-only", action="store_true",
                    help="export only the language model of a VLM (as Qwen3 / Llama)")
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             args.dtype
         )
         result = convert_to_hf(
-            args.checkpoint, args.output, tokenizer=args.tokenizer, dtype=dtype,
+            args.checkpoint, args.output, tokenizer=args.tokenizer,
+            with_tokenizer=not args.no_tokenizer, dtype=dtype,
             text_only=args.text_only, prefix=args.prefix,
             max_shard_bytes=int(args.max_shard_gb * (1 << 30)), workers=args.workers,
             overwrite=args.overwrite,

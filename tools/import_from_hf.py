@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, help="stored dtype (default: the HF weights')")
     p.add_argument("--tp", type=int, default=1, help="check the model splits over N TP ranks")
     p.add_argument("--pp", type=int, default=1, help="check the model splits over M PP stages")
+    p.add_argument("--workers", type=int, default=4, help="I/O threads")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     return p
 
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
         _, info = read_hf_config(Path(args.hf))
         check_layout(info.model, args.tp, args.pp)
-        result = import_from_hf(args.hf, args.output, dtype=dtype, overwrite=args.overwrite)
+        result = import_from_hf(args.hf, args.output, dtype=dtype, overwrite=args.overwrite,
+                                workers=args.workers)
     except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

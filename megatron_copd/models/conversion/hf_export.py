@@ -39,11 +39,11 @@ from megatron_copd.models.conversion.hf_config import (
     generation_config,
     hf_config,
 )
-from megatron_copd.models.conversion.hf_tokenizer import export_tokenizer
+from megatron_copd.models.conversion.hf_tokenizer import TokenizerInfo, export_tokenizer
 from megatron_copd.models.conversion.safetensors_io import INDEX_FILE, ShardWriter, plan_shards
 
 DEFAULT_SHARD_BYTES = 5 << 30
-DEFAULT_BLOCK_BYTES = 64 << 20
+DEFAULT_BLOCK_BYTES = 16 << 20
 EMBEDDING = "language_model.embedding.word_embeddings.weight"
 # The statistics CLIP-style towers are trained with (also megatron_copd.data.media's).
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -159,6 +159,7 @@ def convert_to_hf(
     output: str | os.PathLike,
     *,
     tokenizer: str | os.PathLike | None = None,
+    with_tokenizer: bool = True,
     dtype: torch.dtype | None = None,
     text_only: bool = False,
     prefix: str | None = None,
@@ -188,7 +189,9 @@ def convert_to_hf(
         maps = mp.param_maps(model, names)
         keys = resolve_keys(reader, maps, prefix, skip)
         out_dtype = dtype or reader.info(keys[maps.params[0].mcore]).dtype
-        tok_src = resolve_tokenizer(tokenizer, ckpt_dir, meta)
+        if not with_tokenizer and model.vision is not None:
+            raise CheckpointError(f"{ckpt_dir}: a VLM export needs the tokenizer (its image token)")
+        tok_src = resolve_tokenizer(tokenizer, ckpt_dir, meta) if with_tokenizer else None
 
         entries = []
         for p in maps.params:
@@ -201,7 +204,7 @@ def convert_to_hf(
         tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
         tmp.mkdir()
         try:
-            tok = export_tokenizer(tok_src, tmp)
+            tok = export_tokenizer(tok_src, tmp) if tok_src else TokenizerInfo("none", *[None] * 3)
             if model.vision is not None and tok.image_token_id is None:
                 raise CheckpointError(f"{tok_src}: the tokenizer has no image token")
             tokens = SpecialTokens(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,

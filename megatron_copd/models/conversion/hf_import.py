@@ -2,9 +2,10 @@
 
     result = import_from_hf("Qwen3-4B/", "ckpt/qwen3-4b")
 
-Streams tensor by tensor (a transformer layer, or a block of embedding rows, at a time): HF
-safetensors are memory-mapped, each megatron tensor is fused from its HF parts and written as
-one chunk per layer with :class:`TorchDistWriter`; no model is built, no process group needed.
+Streams tensor by tensor (a transformer layer, or a block of embedding rows, at a time): the HF
+tensors are read from the safetensors shards, fused into the megatron tensor and written as one
+chunk per layer with :class:`TorchDistWriter`, by a few threads (one data file each); no model is
+built, no process group needed; memory is a few layers.
 The output is layout-free — torch_dist stores global tensors — so it loads at any TP/PP (there is
 nothing to choose at import time).
 
@@ -19,9 +20,12 @@ Output directory (published atomically when complete):
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +42,7 @@ from megatron_copd.models.conversion.safetensors_io import HFCheckpoint
 
 TOKENIZER_DIR = "tokenizer"
 SNIPPET_FILE = "copd_model.yaml"
-DEFAULT_BLOCK_BYTES = 64 << 20
+DEFAULT_BLOCK_BYTES = 16 << 20
 
 
 @dataclass
@@ -114,24 +118,45 @@ def import_from_hf(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    workers: int = 4,
 ) -> ImportResult:
     """Convert ``hf_dir`` into a torch_dist checkpoint at ``output`` (see the module doc)."""
-    from megatron_copd.checkpoint.meta import make_meta
-    from megatron_copd.checkpoint.torch_dist_io import TorchDistWriter
-
     t0 = time.perf_counter()
     hf_dir, output = Path(hf_dir), Path(output)
     _, info = read_hf_config(hf_dir)
     ckpt = HFCheckpoint(hf_dir)
+    try:
+        return _import(ckpt, info, hf_dir, output, dtype, overwrite, block_bytes, workers, t0)
+    finally:
+        ckpt.close()
+
+
+def _import(ckpt: HFCheckpoint, info: HFModelInfo, hf_dir: Path, output: Path,
+            dtype: torch.dtype | None, overwrite: bool, block_bytes: int, workers: int,
+            t0: float) -> ImportResult:
+    from megatron_copd.checkpoint.meta import make_meta
+    from megatron_copd.checkpoint.torch_dist_io import TorchDistWriter
+
     names = detect_names(ckpt, info)
     maps = mp.param_maps(info.model, names, info.hf_vision_layers)
     check_weights(ckpt, maps, f"{hf_dir / 'config.json'}")
     first = maps.params[0].hf_names(None)[0]
     dtype = dtype or info.dtype or ckpt.dtype(first)
 
-    with TorchDistWriter(output, overwrite=overwrite) as writer:
+    with TorchDistWriter(output, overwrite=overwrite, num_files=max(1, workers)) as writer:
         for p in maps.params:
-            _write_param(writer, ckpt, p, dtype, block_bytes)
+            writer.declare_tensor(mp.MODEL_PREFIX + p.mcore, p.stored_shape, dtype)
+        # One data file per worker thread: reads, fusing and writes of different layers overlap.
+        local, counter = threading.local(), itertools.count()
+
+        def run(item: tuple) -> None:
+            if not hasattr(local, "file"):
+                local.file = next(counter) % max(1, workers)
+            _write_item(writer, ckpt, dtype, local.file, *item)
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for _ in pool.map(run, _work_items(maps, dtype, block_bytes)):
+                pass
         for key in mp.extra_state_keys(info.model):
             writer.write_object(mp.MODEL_PREFIX + key, None)
         writer.write_common_state({})
@@ -152,7 +177,6 @@ def import_from_hf(
         )
         writer.commit()
         written = writer.bytes_written
-    ckpt.close()
     return ImportResult(
         output=output,
         model=info.model,
@@ -165,27 +189,35 @@ def import_from_hf(
     )
 
 
-def _write_param(writer, ckpt: HFCheckpoint, p: mp.ParamMap, dtype: torch.dtype,
-                 block_bytes: int) -> None:
+def _work_items(maps: mp.ModelMapping, dtype: torch.dtype, block_bytes: int):
+    """(param, layer, rows): one transformer layer, a block of rows, or a whole tensor."""
+    for p in maps.params:
+        if p.layers:
+            for layer in range(p.layers):
+                yield p, layer, None
+            continue
+        rows = p.shape[0] if p.shape else 0
+        row_bytes = _numel(p.shape[1:]) * dtype.itemsize
+        if p.op is mp.COPY and rows * row_bytes > block_bytes:
+            step = max(1, block_bytes // row_bytes)
+            for start in range(0, rows, step):
+                yield p, None, (start, min(rows, start + step))
+        else:
+            yield p, None, None
+
+
+def _write_item(writer, ckpt: HFCheckpoint, dtype: torch.dtype, file: int, p: mp.ParamMap,
+                layer: int | None, rows: tuple[int, int] | None) -> None:
     key = mp.MODEL_PREFIX + p.mcore
-    writer.declare_tensor(key, p.stored_shape, dtype)
-    if p.layers:
-        zeros = (0,) * len(p.shape)
-        for layer in range(p.layers):
-            t = p.to_mcore([ckpt.get(n) for n in p.hf_names(layer)]).to(dtype)
-            writer.write_chunk(key, (layer, *zeros), t.unsqueeze(0).contiguous())
+    if rows is not None:
+        part = ckpt.get_rows(p.hf_names(None)[0], *rows).to(dtype)
+        writer.write_chunk(key, (rows[0],) + (0,) * (len(p.shape) - 1), part, file)
         return
-    (name,) = p.hf_names(None) if len(p.hf) == 1 else (None,)
-    rows = p.shape[0] if p.shape else 0
-    row_bytes = max(1, (p.shape and _numel(p.shape[1:])) * dtype.itemsize)
-    if name is None or isinstance(p.op, mp.Reshape) or rows * row_bytes <= block_bytes:
-        t = p.to_mcore([ckpt.get(n) for n in p.hf_names(None)]).to(dtype)
-        writer.write_chunk(key, (0,) * len(p.shape), t.contiguous())
-        return
-    step = max(1, block_bytes // row_bytes)
-    for start in range(0, rows, step):
-        part = ckpt.get_rows(name, start, min(rows, start + step)).to(dtype)
-        writer.write_chunk(key, (start,) + (0,) * (len(p.shape) - 1), part.contiguous())
+    t = p.to_mcore([ckpt.get(n) for n in p.hf_names(layer)]).to(dtype).contiguous()
+    if layer is None:
+        writer.write_chunk(key, (0,) * len(p.shape), t, file)
+    else:
+        writer.write_chunk(key, (layer,) + (0,) * len(p.shape), t.unsqueeze(0), file)
 
 
 def _numel(shape) -> int:

@@ -1,8 +1,9 @@
 """Hugging Face safetensors checkpoints: a lazy reader over (sharded) directories and a streaming
 shard writer.
 
-Reading uses the ``safetensors`` library (memory-mapped; a tensor or a row range is materialised
-only when asked for). Writing lays out every shard before any data exists: the safetensors
+Reading parses the (simple, documented) safetensors layout itself and ``pread``s a tensor or a
+row range into a fresh tensor only when asked for — no memory map, so a converter's memory is
+what it holds, not the pages of every shard it touched. Writing lays out every shard before any data exists: the safetensors
 header only needs names, dtypes and shapes, so each shard's header is written first and tensor
 bytes are then written at their known offsets (``os.pwrite``), in any order and from several
 threads, one piece at a time — memory stays at the pieces in flight, whatever the model size.
@@ -35,88 +36,154 @@ ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 # -- reading ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class StoredTensor:
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    """Absolute byte offset of the data in the file."""
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, StoredTensor]:
+    """The tensor index of one safetensors file (8-byte length, JSON header, data)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError("file shorter than its header")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds the file")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+    base = 8 + n
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = ST_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype "
+                                  f"{entry.get('dtype')!r}")
+        begin, stop = entry["data_offsets"]
+        shape = tuple(int(x) for x in entry["shape"])
+        if stop - begin != _numel(shape) * dtype.itemsize or base + stop > size:
+            raise CheckpointError(f"{path}: tensor {name!r} is truncated or inconsistent")
+        out[name] = StoredTensor(path.name, dtype, shape, base + begin, stop - begin)
+    return out
+
+
 class HFCheckpoint:
-    """The weights of an HF model directory (``model.safetensors`` or an index + shards)."""
+    """The weights of an HF model directory (``model.safetensors`` or an index + shards).
+
+    Tensors are read with ``pread`` straight into fresh tensors (no memory map, so memory is what
+    the caller holds); thread-safe.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: Hugging Face model directory not found")
-        self._handles: dict[str, object] = {}
-        self._lock = threading.Lock()
         index = self.path / INDEX_FILE
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
-            self.weight_map: dict[str, str] = dict(weight_map)
             counts: dict[str, int] = {}
-            for f in self.weight_map.values():
+            for f in weight_map.values():
                 counts[f] = counts.get(f, 0) + 1
             for f, n in sorted(counts.items()):
                 if not (self.path / f).is_file():
                     raise CheckpointError(
                         f"{self.path / f}: missing shard (listed in {INDEX_FILE} for {n} tensors)"
                     )
+            files = sorted(counts)
         elif (self.path / SINGLE_FILE).is_file():
-            self.weight_map = {k: SINGLE_FILE for k in self._open(SINGLE_FILE).keys()}
+            weight_map, files = None, [SINGLE_FILE]
         else:
             found = sorted(p.name for p in self.path.glob("*.bin")) + sorted(
                 p.name for p in self.path.glob("*.pt*")
             )
             hint = f" (found {found[:3]}: only safetensors weights are supported)" if found else ""
-            raise CheckpointError(
-                f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}"
-            )
-
-    def _open(self, file: str):
-        from safetensors import safe_open
-
-        with self._lock:
-            h = self._handles.get(file)
-            if h is None:
-                try:
-                    h = safe_open(str(self.path / file), framework="pt")
-                except Exception as e:  # noqa: BLE001 - safetensors raises several types
-                    raise CheckpointError(f"{self.path / file}: cannot read safetensors: {e}")
-                self._handles[file] = h
-            return h
+            raise CheckpointError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+        self.tensors: dict[str, StoredTensor] = {}
+        for f in files:
+            for name, st in read_header(self.path / f).items():
+                if weight_map is not None and weight_map.get(name) != f:
+                    continue  # the index decides which copy counts
+                self.tensors[name] = st
+        for name, f in (weight_map or {}).items():
+            if name not in self.tensors:
+                raise CheckpointError(
+                    f"{self.path / f}: tensor {name!r} listed in {INDEX_FILE} is not in this shard"
+                )
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def keys(self) -> list[str]:
-        return list(self.weight_map)
+        return list(self.tensors)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+        return name in self.tensors
 
-    def _slice(self, name: str):
-        file = self.weight_map.get(name)
-        if file is None:
+    def _info(self, name: str) -> StoredTensor:
+        st = self.tensors.get(name)
+        if st is None:
             raise CheckpointError(f"{self.path}: tensor {name!r} not found")
-        try:
-            return self._open(file).get_slice(name)
-        except CheckpointError:
-            raise
-        except Exception:  # noqa: BLE001
-            raise CheckpointError(
-                f"{self.path / file}: tensor {name!r} listed in {INDEX_FILE} is not in this shard"
-            ) from None
+        return st
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        return self._info(name).shape
 
     def dtype(self, name: str) -> torch.dtype:
-        return ST_DTYPES[self._slice(name).get_dtype()]
+        return self._info(name).dtype
 
     def get(self, name: str) -> torch.Tensor:
-        return self._slice(name)[:]
+        st = self._info(name)
+        return self._read(st, st.start, st.shape)
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._slice(name)[start:stop]
+        st = self._info(name)
+        row = _numel(st.shape[1:]) * st.dtype.itemsize
+        return self._read(st, st.start + start * row, (stop - start, *st.shape[1:]))
+
+    def _read(self, st: StoredTensor, offset: int, shape: tuple[int, ...]) -> torch.Tensor:
+        out = torch.empty(shape, dtype=st.dtype)
+        if out.numel() == 0:
+            return out
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        fd, done = self._fd(st.file), 0
+        while done < view.nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{self.path / st.file}: truncated shard")
+            done += n
+        return out
+
+    def _fd(self, file: str) -> int:
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = os.open(self.path / file, os.O_RDONLY)
+            return fd
 
     def close(self) -> None:
         with self._lock:
-            self._handles.clear()
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -133,10 +200,7 @@ class TensorSlot:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * self.dtype.itemsize
+        return _numel(self.shape) * self.dtype.itemsize
 
 
 @dataclass
