@@ -11,7 +11,8 @@ MULTIMODAL = ["pillow>=10", "megatron-energon>=7.4,<8"]
 # Transformer Engine is only useful on CUDA machines; it must never be installed on CPU-only
 # machines (merely importing it makes megatron-core pick TE norms that break CPU runs).
 GPU = ["transformer-engine[pytorch]>=2.0"]
-TEST = ["pytest>=8", "matplotlib>=3.8"] + HF + ["pillow>=10"]
+PLOT = ["matplotlib>=3.8"]  # tools/plot_metrics.py
+TEST = ["pytest>=8"] + PLOT + HF + ["pillow>=10"]
 
 setup(
     name="megatron-copd",
@@ -38,6 +39,7 @@ setup(
         "hf": HF,
         "multimodal": MULTIMODAL,
         "gpu": GPU,
+        "plot": PLOT,
         "test": TEST,
     },
     entry_points={"console_scripts": ["copd=megatron_copd.cli:main"]},

@@ -1,4 +1,4 @@
-"""`copd` command line: train | eval | compare | check.
+"""`copd` command line: train | eval | compare | check | selftest.
 
 Errors that users can fix (config, data, checkpoint, layout) end with one line on stderr naming
 the file / key / field and a non-zero exit status, never a traceback.
@@ -47,6 +47,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return check_command(args)
 
 
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    from megatron_copd.selftest import selftest_command
+
+    return selftest_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="copd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=False)
@@ -69,7 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU (default 80)")
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser(
+        "selftest", help="check process groups, peer links and a model forward on the job's ranks"
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--hold",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="after the checks, stay up this long answering SIGTERM/SIGUSR1 like training "
+        "(all ranks exit with the requeue code when signalled)",
+    )
+    p.add_argument("--p2p-mb", type=float, default=4.0, help="MB sent to each peer (default 4)")
+    p.add_argument("--timeout", type=int, default=300, help="collective timeout, s (default 300)")
+    p.add_argument("--no-model", action="store_true", help="skip the model build and forward")
+    p.set_defaults(func=_cmd_selftest)
     return parser
 
 

@@ -173,6 +173,11 @@ class GRPOConfig:
     filter_zero_variance: bool = False
     """Drop groups whose rewards are all equal (they carry no GRPO signal)."""
     adv_eps: float = 1e-6
+    default_verifier: str = "math"
+    """Verifier for records without a `reward` field (math, choice, exact, numeric, or yours)."""
+    reward_workers: int = 2
+    """Worker processes for verifiers that need isolation (math-verify); 0 = in-process."""
+    reward_timeout_s: float = 5.0
     micro_batch_size: int = 16
     """Sequences per forward/backward micro-batch."""
     rollout_batch_size: int = 64
@@ -217,6 +222,12 @@ class DataConfig:
     """Held-out items per domain in the toy world."""
     train_size: int = 4000
     max_prompt_tokens: int = 160
+    base_seed: int = 0
+    """Seed of the toy base model (independent of the run seed: every run starts from one base)."""
+    base_warmup_steps: int = 400
+    """Supervised warm-up steps that turn a random model into the toy base."""
+    base_warmup_batch: int = 32
+    base_warmup_lr: float = 2e-3
 
 
 @dataclass
@@ -288,8 +299,13 @@ def _check_positive(cfg: Any, prefix: str, names: list[str]) -> None:
             raise ConfigError(f"{prefix}.{n}: expected an integer >= 1, got {v}")
 
 
-def validate(cfg: RunConfig, world_size: int | None = None) -> RunConfig:
-    """Check cross-field constraints; fill derived defaults (branch domains, DP, world size)."""
+def validate(
+    cfg: RunConfig, world_size: int | None = None, check_device: bool = True
+) -> RunConfig:
+    """Check cross-field constraints; fill derived defaults (branch domains, DP, world size).
+
+    ``check_device=False`` skips the checks of this machine's GPU/TE (``copd check`` on a login
+    node validates a GPU job's config)."""
     m = cfg.model
     _check_positive(
         m,
@@ -336,7 +352,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> RunConfig:
             )
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel: needs parallel.tp > 1")
-    if cfg.precision.fp8 is not None:
+    if cfg.precision.fp8 is not None and check_device:
         _check_fp8_available()
 
     if not cfg.branches:
@@ -409,6 +425,7 @@ def load_config(
     path: str | os.PathLike | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     world_size: int | None = None,
+    check_device: bool = True,
 ) -> RunConfig:
     """YAML file (default: the embedded toy CoPD config) + overrides -> validated RunConfig."""
     data = load_yaml(path or default_config_path())
@@ -416,7 +433,7 @@ def load_config(
         keys, value = parse_override(text)
         apply_override(data, keys, value, RunConfig)
     cfg = from_dict(RunConfig, data)
-    return validate(cfg, world_size=world_size)
+    return validate(cfg, world_size=world_size, check_device=check_device)
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

@@ -62,11 +62,17 @@ def launch_env() -> LaunchEnv:
             master_port=int(env.get("MASTER_PORT", 29500)),
             launcher=launcher,
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+    # Only inside an srun step: the batch script itself also has SLURM_PROCID=0 and the job's
+    # SLURM_NTASKS, but no SLURM_STEP_ID; run there, copd must not wait for ranks that never come.
+    if (
+        "SLURM_STEP_ID" in env
+        and "SLURM_PROCID" in env
+        and int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1) > 1
+    ):
         job = int(env.get("SLURM_JOB_ID", "0") or 0)
         return LaunchEnv(
             rank=int(env["SLURM_PROCID"]),
-            world_size=int(env["SLURM_NTASKS"]),
+            world_size=int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             master_addr=env.get("MASTER_ADDR") or _slurm_master_addr(),
             master_port=int(env.get("MASTER_PORT", 20000 + job % 20000)),
@@ -86,6 +92,10 @@ def init_distributed(env: LaunchEnv | None = None, timeout_s: int = 1800) -> Lau
     env = env or launch_env()
     if dist.is_initialized():
         return env
+    if env.launcher == "local":
+        from megatron_copd.runtime.launch import die_with_launcher
+
+        die_with_launcher()
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         backend = "nccl"

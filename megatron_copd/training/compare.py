@@ -1,0 +1,181 @@
+"""`copd compare CONFIG`: CoPD and its baselines over several seeds, one results table.
+
+From one CoPD config (2 or more branches) this derives, compute-matched by construction:
+
+- ``experts``: every branch trains alone with GRPO for the same steps (the paper's expert columns);
+- ``mixed_rlvr``: one model on the union of the domains for the SUM of the experts' steps;
+- ``static_opd:<student><-<teacher>``: for every edge of the topology, the branches train alone
+  for N*S_RL steps, then the student distils from the frozen teacher for N*S_OPD steps;
+- ``mopd`` (3+ branches): experts train alone, then one extra student distils from all of them;
+- ``copd`` and, for two branches, the ablations ``copd-no:<student><-<teacher>`` (one direction
+  removed).
+
+Each run is a `copd train` subprocess (its own run directory, its own processes); the table is
+written to ``results.md`` / ``results.json`` in ``--out`` (default: ``<run_dir>/compare``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_copd.config import RunConfig, load_config
+from megatron_copd.training.topology import build_edges
+
+
+@dataclass
+class Variant:
+    name: str  # column label
+    overrides: list[str]
+    model: str  # which model of the run is evaluated: "merged", "<branch>", or "branches"
+    world: int = 0
+    columns: dict = field(default_factory=dict)
+
+
+def _branches_yaml(branches: list[dict]) -> str:
+    return "branches=" + json.dumps(branches)
+
+
+def variants(cfg: RunConfig) -> list[Variant]:
+    s = cfg.schedule
+    names = list(cfg.branch_names)
+    k = len(names)
+    per_branch = s.cycles * (s.s_rl + s.s_opd)
+    branches = [{"name": b.name, "domains": b.domains, "train_data": b.train_data,
+                 "eval_data": b.eval_data, "beta": b.beta} for b in cfg.branches]
+    union = sorted({d for b in cfg.branches for d in b.domains})
+    edges = build_edges(s, cfg.branch_names)
+    out = [
+        Variant("experts", ["schedule.recipe=grpo", f"schedule.steps={per_branch}"], "branches"),
+        Variant("mixed_rlvr", [
+            "schedule.recipe=mixed_rlvr", f"schedule.steps={per_branch * k}",
+            _branches_yaml([{"name": "mixed", "domains": union,
+                             "train_data": [p for b in branches for p in b["train_data"]],
+                             "eval_data": [p for b in branches for p in b["eval_data"]]}]),
+        ], "mixed"),
+    ]
+    for e in edges:
+        out.append(Variant(f"static_opd:{e.student}<-{e.teacher}", [
+            "schedule.recipe=static_opd", "schedule.topology=custom",
+            "schedule.edges=" + json.dumps([{"student": e.student, "teacher": e.teacher}]),
+            "schedule.drop_edges=[]",
+        ], e.student))
+    if k >= 3:
+        student = {"name": "student", "domains": union,
+                   "train_data": [p for b in branches for p in b["train_data"]],
+                   "eval_data": [p for b in branches for p in b["eval_data"]]}
+        out.append(Variant("mopd", [
+            "schedule.recipe=mopd", "schedule.topology=custom",
+            _branches_yaml([student, *branches]),
+            "schedule.edges=" + json.dumps([{"student": "student", "teacher": n} for n in names]),
+            "schedule.drop_edges=[]",
+        ], "student"))
+    out.append(Variant("copd", [], "merged"))
+    if k == 2:
+        for e in edges:
+            out.append(Variant(f"copd-no:{e.student}<-{e.teacher}", [
+                "schedule.drop_edges=" + json.dumps([{"student": e.student, "teacher": e.teacher}]),
+            ], "merged"))
+    return out
+
+
+def _run(config_path: str | None, overrides: list[str], log_path: Path) -> int:
+    cmd = [sys.executable, "-m", "megatron_copd.cli", "train"]
+    if config_path:
+        cmd.append(config_path)
+    cmd += overrides
+    with open(log_path, "w") as log:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def _model_accuracy(results: dict, model: str) -> dict[str, float] | None:
+    if model == "merged":
+        return results.get("merged")
+    return results.get("branches", {}).get(model)
+
+
+def compare_command(config_path: str | None, overrides: list[str], seeds: int = 3,
+                    out: str | None = None) -> int:
+    cfg = load_config(config_path, overrides)
+    out_dir = Path(out or Path(cfg.run_dir) / "compare")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = variants(cfg)
+    runs = [(v, seed) for v in plan for seed in range(seeds)]
+    print(f"[compare] {len(plan)} variants x {seeds} seeds = {len(runs)} runs -> {out_dir}",
+          flush=True)
+    table: dict[str, list[dict]] = {}
+    base: list[dict] = []
+    t0 = time.perf_counter()
+    for i, (v, seed) in enumerate(runs):
+        run_dir = out_dir / v.name.replace(":", "_").replace("<-", "-from-") / f"seed{seed}"
+        ov = [*overrides, *v.overrides, f"run_dir={run_dir}", f"seed={cfg.seed + seed}"]
+        done = run_dir / "results.json"
+        if not done.is_file():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            rc = _run(config_path, ov, run_dir / "train.log")
+            if rc != 0:
+                print(f"[compare] {v.name} seed {seed} FAILED (exit {rc}); see {run_dir}/train.log",
+                      flush=True)
+                return rc
+        results = json.loads(done.read_text())
+        if "base" in results:
+            base.append(results["base"])
+        if v.model == "branches":
+            for b, acc in results.get("branches", {}).items():
+                table.setdefault(f"expert:{b}", []).append(acc)
+        else:
+            acc = _model_accuracy(results, v.model)
+            if acc:
+                table.setdefault(v.name, []).append(acc)
+            if v.name == "copd":
+                for b, a in results.get("branches", {}).items():
+                    table.setdefault(f"copd-branch:{b} (no merge)", []).append(a)
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / (i + 1) * (len(runs) - i - 1)
+        print(f"[compare] {i + 1}/{len(runs)} {v.name} seed {seed} done "
+              f"({elapsed:.0f}s, eta {eta:.0f}s)", flush=True)
+    summary = summarize({"base": base, **table})
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    (out_dir / "results.md").write_text(render_markdown(summary))
+    print(render_markdown(summary), flush=True)
+    return 0
+
+
+def summarize(columns: dict[str, list[dict]]) -> dict:
+    """{column: [per-seed {domain: acc}]} -> {column: {domain|overall: {mean, std, n}}}."""
+    out = {}
+    for col, per_seed in columns.items():
+        if not per_seed:
+            continue
+        domains = sorted(per_seed[0])
+        entry = {}
+        for d in [*domains, "overall"]:
+            vals = [100 * (statistics.mean(r.values()) if d == "overall" else r[d])
+                    for r in per_seed]
+            entry[d] = {"mean": statistics.mean(vals),
+                        "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+        out[col] = entry
+    return out
+
+
+def render_markdown(summary: dict) -> str:
+    cols = list(summary)
+    rows = sorted({d for c in cols for d in summary[c]} - {"overall"}) + ["overall"]
+    head = "| domain | " + " | ".join(cols) + " |"
+    sep = "|---|" + "---|" * len(cols)
+    lines = [head, sep]
+    for d in rows:
+        cells = []
+        for c in cols:
+            v = summary[c].get(d)
+            cells.append("" if v is None else f"{v['mean']:.1f} ± {v['std']:.1f}")
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nAccuracy %, mean ± std over seeds (greedy, held-out sets).\n"

@@ -1,0 +1,90 @@
+"""Training samples -> fixed-shape micro-batches on the shared [b, T] layout.
+
+A sample is a prompt, a response, the response's rollout log-probs (the sampling policy at
+temperature 1) and its per-token advantages (GRPO: the sequence's group-normalised reward on
+every token; OPD: beta * (log pi_T - log pi_S) per token). Native and distillation samples go
+through the same clipped surrogate in the same batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_copd.rollout import inputs, layout
+from megatron_copd.rollout.generate import Rollout
+
+
+@dataclass
+class SampleSet:
+    prompts: list[list[int]] = field(default_factory=list)
+    responses: list[list[int]] = field(default_factory=list)
+    old_logp: list[torch.Tensor] = field(default_factory=list)  # [len_i] each
+    advantages: list[torch.Tensor] = field(default_factory=list)  # [len_i] each
+    pixels: list[torch.Tensor | None] = field(default_factory=list)  # [n_img, 3, H, W] or None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def num_tokens(self) -> int:
+        return sum(len(p) + len(r) for p, r in zip(self.prompts, self.responses))
+
+    def add_rollout(self, ro: Rollout, advantages: torch.Tensor, keep: torch.Tensor) -> None:
+        """Add every kept sample of a rollout; ``advantages`` is response-aligned [N, R]."""
+        prompts = ro.sample_prompts()
+        responses = ro.responses()
+        counts = ro.images_per_prompt or [0] * len(ro.prompts)
+        for i in range(ro.num_samples):
+            if not bool(keep[i]) or not responses[i]:
+                continue
+            n = len(responses[i])
+            p = int(ro.prompt_index[i])
+            self.prompts.append(prompts[i])
+            self.responses.append(responses[i])
+            self.old_logp.append(ro.logprobs[i, :n].detach().float().cpu())
+            self.advantages.append(advantages[i, :n].detach().float().cpu())
+            self.pixels.append(inputs.select_images(ro.pixels, counts, [p]))
+
+
+def build_micro_batches(
+    samples: SampleSet, micro_batch_size: int, pad_id: int, pad_to: int = 1
+) -> tuple[list[dict], int]:
+    """Pack every sample at one width and cut into equal micro-batches (megatron's pipeline
+    schedule needs one shape); the last one is filled with empty rows that carry no loss."""
+    packed = layout.pack(samples.prompts, samples.responses, pad_id=pad_id)
+    n, t = packed.tokens.shape
+    t = math.ceil(t / pad_to) * pad_to
+    mb = max(1, min(micro_batch_size, n))
+    rows = math.ceil(n / mb) * mb
+    tokens = torch.full((rows, t), pad_id, dtype=torch.long)
+    valid = torch.zeros(rows, t, dtype=torch.bool)
+    tokens[:n, : packed.width] = packed.tokens
+    valid[:n, : packed.width] = packed.valid
+    loss_mask = torch.zeros(rows, t, dtype=torch.bool)
+    loss_mask[:n, : packed.width] = packed.loss_mask
+    old_logp = torch.zeros(rows, t)
+    adv = torch.zeros(rows, t)
+    start = packed.prompt_width - 1  # label column of response token 0
+    for i in range(n):
+        k = len(samples.responses[i])
+        old_logp[i, start : start + k] = samples.old_logp[i]
+        adv[i, start : start + k] = samples.advantages[i]
+    labels = torch.cat([tokens[:, 1:], tokens[:, -1:]], dim=1)
+    out = []
+    for b in range(rows // mb):
+        sl = slice(b * mb, (b + 1) * mb)
+        pix = [p for p in samples.pixels[b * mb : min((b + 1) * mb, n)] if p is not None]
+        v = valid[sl]
+        out.append({
+            "tokens": tokens[sl],
+            "labels": labels[sl],
+            "position_ids": layout.position_ids(v),
+            "attention_mask": layout.attention_mask(v),
+            "loss_mask": loss_mask[sl].float(),
+            "old_logp": old_logp[sl],
+            "advantages": adv[sl],
+            "pixels": torch.cat(pix) if pix else None,
+        })
+    return out, t
