@@ -56,12 +56,26 @@ def llava_config(text_family: str = "qwen3", vision_layers: int = 2, feature_lay
                          vision_feature_select_strategy="full", tie_word_embeddings=tie)
 
 
+def qwen3vl_config():
+    """A tiny Qwen3-VL (interleaved multimodal RoPE, DeepStack vision) for text-only import."""
+    import transformers as T
+
+    text = text_config("qwen3").to_dict()
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0,
+                               "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    return T.Qwen3VLConfig(text_config=text, vision_config=dict(
+        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+        deepstack_visual_indexes=[0]))
+
+
 def build(config, seed: int = 0):
     import transformers as T
 
     torch.manual_seed(seed)
     if config.model_type == "llava":
         model = T.LlavaForConditionalGeneration(config)
+    elif config.model_type == "qwen3_vl":
+        model = T.Qwen3VLForConditionalGeneration(config)
     else:
         model = T.AutoModelForCausalLM.from_config(config)
     _randomise(model, seed)

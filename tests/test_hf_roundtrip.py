@@ -74,6 +74,14 @@ def conv(tmp_path_factory):
         if name in RESAVED_TP2:
             job = {**job, "save": str(root / f"{name}_tp2"), "meta": read_meta(result.output)}
         tp2.append(job)
+    # The language model of a Qwen3-VL, imported alone (text-only).
+    qvl = F.build(F.qwen3vl_config(), seed=11)
+    F.save(qvl, root / "qwen3vl")
+    b = F.batch(images=False, seed=4)
+    state["batch"]["qwen3vl"], state["ref"]["qwen3vl"] = b, F.hf_logits(qvl, b)
+    result = import_from_hf(root / "qwen3vl", root / "qwen3vl_mc", text_only=True)
+    state["imported"]["qwen3vl"] = result
+    tp1.append({"model": to_dict(result.model), "load": str(result.output), "batch": b})
     # Megatron-born models (the toy world's kind): a VLM with a class token, and one without
     # (exportable only as its language model).
     state["toy_batch"] = F.batch(images=True, seed=3)
@@ -86,7 +94,7 @@ def conv(tmp_path_factory):
                     "save": str(root / name), "greedy": 6,
                     "meta": {"format": 1, "model": cfg, "branch": "merged",
                              "base_fingerprint": None, "tokenizer": str(sp)}})
-    state["tp1"] = dict(zip([*CASES, "toy_vlm", "toy_nocls"], run_world(
+    state["tp1"] = dict(zip([*CASES, "qwen3vl", "toy_vlm", "toy_nocls"], run_world(
         F.megatron_worker, 1, args=(1, tp1))[0]))
     state["tp2"] = dict(zip(CASES, run_world(F.megatron_worker, 2, args=(2, tp2))[0]))
     return state
@@ -222,3 +230,15 @@ def test_vlm_without_class_token_exports_text_only(conv):
     b = conv["batch"]["toy_nocls"]
     diff = (F.hf_logits(model, b) - conv["tp1"]["toy_nocls"]["logits"]).abs().max().item()
     assert diff <= TOL, diff
+
+
+def test_qwen3_vl_language_model_imports_text_only(conv):
+    r = conv["imported"]["qwen3vl"]
+    assert r.architecture == "Qwen3VLForConditionalGeneration" and r.model.vision is None
+    assert r.model.use_qk_norm
+    diff = (conv["tp1"]["qwen3vl"]["logits"] - conv["ref"]["qwen3vl"]).abs().max().item()
+    assert diff <= TOL, diff  # multimodal RoPE on text == plain RoPE
+    from megatron_copd.errors import UserError
+
+    with pytest.raises(UserError, match="language model only"):
+        import_from_hf(conv["root"] / "qwen3vl", conv["root"] / "qwen3vl_full")

@@ -2,7 +2,7 @@
 """Import a Hugging Face model (Qwen3 / Llama / LLaVA, safetensors) as a torch_dist checkpoint.
 
     python tools/import_from_hf.py --hf HF_DIR --output DIR [--dtype fp32|bf16|fp16]
-        [--tp N --pp M] [--overwrite]
+        [--tp N --pp M] [--text-only] [--overwrite]
 
 Writes DIR (atomically): the torch_dist shards + copd_meta.json (the model config derived from
 config.json), DIR/tokenizer/ (the HF tokenizer, for data.tokenizer) and DIR/copd_model.yaml (the
@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, help="stored dtype (default: the HF weights')")
     p.add_argument("--tp", type=int, default=1, help="check the model splits over N TP ranks")
     p.add_argument("--pp", type=int, default=1, help="check the model splits over M PP stages")
+    p.add_argument("--text-only", action="store_true",
+                   help="import only the language model of a VLM (LLaVA, Qwen3-VL)")
     p.add_argument("--workers", type=int, default=4, help="I/O threads")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     return p
@@ -57,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         from pathlib import Path
 
-        _, info = read_hf_config(Path(args.hf))
+        _, info = read_hf_config(Path(args.hf), args.text_only)
         check_layout(info.model, args.tp, args.pp)
         result = import_from_hf(args.hf, args.output, dtype=dtype, overwrite=args.overwrite,
-                                workers=args.workers)
+                                workers=args.workers, text_only=args.text_only)
     except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

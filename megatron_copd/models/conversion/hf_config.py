@@ -10,6 +10,8 @@ Works on plain JSON mappings (no transformers import needed to convert). Support
   (``vision_feature_select_strategy: full``). An earlier feature layer than the last is
   imported by dropping the vision layers after it (their output is never used).
 
+- the language model of ``Qwen3VLForConditionalGeneration`` (``qwen3_vl``, text-only import).
+
 Anything else is refused with one line naming the field and what is supported. Exporting a model
 whose ViT has no class token is refused too: HF CLIP always prepends one and every other token
 attends to it, so no transformers CLIP tower computes what our class-token-free ViT computes.
@@ -28,7 +30,8 @@ from megatron_copd.config_base import ConfigError
 
 TEXT_ARCHS = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 LLAVA_ARCH = "LlavaForConditionalGeneration"
-SUPPORTED = "Qwen3ForCausalLM, LlamaForCausalLM, LlavaForConditionalGeneration (CLIP + Qwen3/Llama)"
+SUPPORTED = ("Qwen3ForCausalLM, LlamaForCausalLM, LlavaForConditionalGeneration (CLIP + "
+             "Qwen3/Llama), the language model of Qwen3VLForConditionalGeneration")
 CLIP_LN_EPS = 1e-5  # our ViT's LayerNorm epsilon (models.factory.vision_transformer_config)
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # ModelConfig.extra keys that do not change what the model computes (fusions, memory).
@@ -60,20 +63,37 @@ class HFModelInfo:
 # -- HF -> ours ---------------------------------------------------------------------------------
 
 
-def model_config_from_hf(cfg: dict[str, Any], where: str = "config.json") -> HFModelInfo:
-    """Translate an HF ``config.json`` mapping; ConfigError (one line) when unsupported."""
+def model_config_from_hf(
+    cfg: dict[str, Any], where: str = "config.json", text_only: bool = False
+) -> HFModelInfo:
+    """Translate an HF ``config.json`` mapping; ConfigError (one line) when unsupported.
+
+    ``text_only``: take only the language model of a VLM (LLaVA, or Qwen3-VL, whose language
+    model on text equals a Qwen3 decoder: its multimodal RoPE gives text tokens the same
+    position in all three sections, which is plain RoPE)."""
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
-    if model_type in ("qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl", "qwen2_vl"):
+    if model_type == "qwen3_vl":
+        if not text_only:
+            raise ConfigError(
+                f"{where}: model_type 'qwen3_vl' is supported for its language model only "
+                f"(--text-only): its vision tower (native-resolution ViT with 2-D RoPE, patch "
+                f"merger, DeepStack features) has no counterpart in this project's CLIP-style VLM"
+            )
+        return _qwen3_vl_text(cfg, where)
+    if model_type in ("qwen3_vl_moe", "qwen2_5_vl", "qwen2_vl"):
         raise ConfigError(
-            f"{where}: model_type {model_type!r} is not supported: its vision tower (2-D RoPE "
-            f"ViT with patch merger) and multimodal RoPE have no counterpart in this project's "
-            f"CLIP-style VLM; supported: {SUPPORTED}"
+            f"{where}: model_type {model_type!r} is not supported: its vision tower and "
+            f"multimodal RoPE have no counterpart in this project's CLIP-style VLM; "
+            f"supported: {SUPPORTED}"
         )
     if model_type == "llava":
         if archs and archs[0] != LLAVA_ARCH:
             raise ConfigError(f"{where}: architectures {archs}: expected [{LLAVA_ARCH!r}]")
-        return _llava_from_hf(cfg, where)
+        info = _llava_from_hf(cfg, where)
+        if text_only:
+            info.model.vision, info.image_token_id, info.hf_vision_layers = None, None, None
+        return info
     if model_type in TEXT_ARCHS:
         if archs and archs[0] != TEXT_ARCHS[model_type]:
             raise ConfigError(
@@ -93,6 +113,29 @@ def model_config_from_hf(cfg: dict[str, Any], where: str = "config.json") -> HFM
     raise ConfigError(
         f"{where}: architecture {arch!r} (model_type {model_type!r}) is not supported; "
         f"supported: {SUPPORTED}"
+    )
+
+
+def _qwen3_vl_text(cfg: dict, where: str) -> HFModelInfo:
+    text = dict(_require(cfg, "text_config", where))
+    tw = f"{where}: text_config"
+    text["model_type"] = "qwen3"  # qwen3_vl_text: a Qwen3 decoder (QK-norm, SwiGLU, GQA)
+    params = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+    if params:
+        # mrope_section / mrope_interleaved only matter for image and video positions
+        params = {k: v for k, v in params.items() if not k.startswith("mrope")}
+        params.setdefault("rope_theta", text.get("rope_theta", 10000.0))
+        text["rope_parameters"] = params
+        text.pop("rope_scaling", None)
+    if "tie_word_embeddings" not in text and "tie_word_embeddings" in cfg:
+        text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    return HFModelInfo(
+        model=_text_from_hf(text, tw),
+        architecture="Qwen3VLForConditionalGeneration",
+        dtype=_dtype(cfg, where) or _dtype(text, tw),
+        bos_token_id=text.get("bos_token_id", cfg.get("bos_token_id")),
+        eos_token_id=text.get("eos_token_id", cfg.get("eos_token_id")),
+        pad_token_id=text.get("pad_token_id", cfg.get("pad_token_id")),
     )
 
 

@@ -20,9 +20,11 @@ Output directory (published atomically when complete):
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +38,7 @@ from megatron_copd.config import ModelConfig
 from megatron_copd.config_base import to_dict
 from megatron_copd.errors import CheckpointError
 from megatron_copd.models.conversion import mapping as mp
-from megatron_copd.models.conversion.hf_config import HFModelInfo, model_config_from_hf
+from megatron_copd.models.conversion.hf_config import LLAVA_ARCH, HFModelInfo, model_config_from_hf
 from megatron_copd.models.conversion.hf_tokenizer import copy_hf_tokenizer
 from megatron_copd.models.conversion.safetensors_io import HFCheckpoint
 
@@ -57,7 +59,7 @@ class ImportResult:
     seconds: float
 
 
-def read_hf_config(hf_dir: Path) -> tuple[dict, HFModelInfo]:
+def read_hf_config(hf_dir: Path, text_only: bool = False) -> tuple[dict, HFModelInfo]:
     path = hf_dir / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
@@ -65,12 +67,17 @@ def read_hf_config(hf_dir: Path) -> tuple[dict, HFModelInfo]:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    return cfg, model_config_from_hf(cfg, str(path))
+    return cfg, model_config_from_hf(cfg, str(path), text_only=text_only)
 
 
-def detect_names(ckpt: HFCheckpoint, info: HFModelInfo) -> mp.HFNames:
-    """Which naming layout the HF weights use."""
-    candidates = mp.LLAVA_IMPORT_VARIANTS if info.is_vlm else (mp.TEXT_NAMES,)
+def detect_names(ckpt: HFCheckpoint, info: HFModelInfo, source_arch: str) -> mp.HFNames:
+    """Which naming layout the HF weights use (``source_arch``: config.json's architecture)."""
+    if source_arch == "Qwen3VLForConditionalGeneration":
+        candidates: tuple[mp.HFNames, ...] = (mp.QWEN3_VL_NAMES,)
+    elif source_arch == LLAVA_ARCH:
+        candidates = mp.LLAVA_IMPORT_VARIANTS
+    else:
+        candidates = (mp.TEXT_NAMES,)
     for names in candidates:
         if f"{names.lm}embed_tokens.weight" not in ckpt:
             continue
@@ -119,11 +126,15 @@ def import_from_hf(
     overwrite: bool = False,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     workers: int = 4,
+    text_only: bool = False,
 ) -> ImportResult:
-    """Convert ``hf_dir`` into a torch_dist checkpoint at ``output`` (see the module doc)."""
+    """Convert ``hf_dir`` into a torch_dist checkpoint at ``output`` (see the module doc).
+
+    ``text_only``: import only the language model of a VLM (LLaVA; Qwen3-VL, whose vision tower
+    this project cannot represent)."""
     t0 = time.perf_counter()
     hf_dir, output = Path(hf_dir), Path(output)
-    _, info = read_hf_config(hf_dir)
+    _, info = read_hf_config(hf_dir, text_only)
     ckpt = HFCheckpoint(hf_dir)
     try:
         return _import(ckpt, info, hf_dir, output, dtype, overwrite, block_bytes, workers, t0)
@@ -137,8 +148,11 @@ def _import(ckpt: HFCheckpoint, info: HFModelInfo, hf_dir: Path, output: Path,
     from megatron_copd.checkpoint.meta import make_meta
     from megatron_copd.checkpoint.torch_dist_io import TorchDistWriter
 
-    names = detect_names(ckpt, info)
+    names = detect_names(ckpt, info, info.architecture)
     maps = mp.param_maps(info.model, names, info.hf_vision_layers)
+    if info.model.vision is None and names.vision:  # --text-only import of a VLM
+        skipped = [re.escape(p) + ".*" for p in (names.vision, names.projector) if p]
+        maps = dataclasses.replace(maps, ignored_hf=maps.ignored_hf + tuple(skipped))
     check_weights(ckpt, maps, f"{hf_dir / 'config.json'}")
     first = maps.params[0].hf_names(None)[0]
     dtype = dtype or info.dtype or ckpt.dtype(first)

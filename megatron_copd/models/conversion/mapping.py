@@ -185,6 +185,7 @@ LLAVA_NAMES = HFNames(
     vision="vision_tower.",
     projector="multi_modal_projector.",
 )
+QWEN3_VL_NAMES = HFNames(lm="model.language_model.", head="lm_head.weight", vision="model.visual.")
 # Further layouts found in the wild, accepted on import: transformers' in-memory names, and
 # llava-hf checkpoints written before CLIPVisionModel lost its ``vision_model`` level.
 LLAVA_IMPORT_VARIANTS = (
