@@ -133,7 +133,7 @@ def megatron_worker(rank, world, tp: int, jobs: list[dict]):
         if job.get("save"):
             save_model(model, groups.pgs, job["save"], job["meta"])
 
-        def logits(ids, pixels):
+        def logits(ids, pixels, model=model, groups=groups):
             s = ids.shape[1]
             pos = torch.arange(s).unsqueeze(0).expand(ids.shape[0], -1)
             mask = torch.triu(torch.ones(s, s, dtype=torch.bool), 1).view(1, 1, s, s)

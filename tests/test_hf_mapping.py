@@ -157,7 +157,10 @@ def _model_keys(model_cfg: dict) -> dict:
 
 
 def _keys_worker(rank, world, model_cfg):
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.mapping import (
+        ShardedTensor,
+        ShardedTensorFactory,
+    )
 
     from megatron_copd.checkpoint.model_io import sharded_model_state
     from megatron_copd.config import RunConfig

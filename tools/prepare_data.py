@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_copd.data import real
 
     domain = args.domain or DEFAULT_DOMAIN[args.kind]
-    common = dict(domain=domain, id_prefix=args.id_prefix, limit=args.limit)
+    common = {"domain": domain, "id_prefix": args.id_prefix, "limit": args.limit}
     try:
         if args.kind == "math":
             n = real.convert_math(args.src, args.output, **common)

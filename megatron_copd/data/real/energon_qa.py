@@ -15,7 +15,12 @@ import os
 import warnings
 from pathlib import Path
 
-from megatron_copd.data.real.common import LETTERS, MediaStore, RecordSink, format_choices
+from megatron_copd.data.real.common import (
+    LETTERS,
+    MediaStore,
+    RecordSink,
+    format_choices,
+)
 from megatron_copd.data.real.visual_qa import _video_suffix
 from megatron_copd.errors import DataError
 

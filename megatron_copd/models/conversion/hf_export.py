@@ -40,7 +40,11 @@ from megatron_copd.models.conversion.hf_config import (
     hf_config,
 )
 from megatron_copd.models.conversion.hf_tokenizer import TokenizerInfo, export_tokenizer
-from megatron_copd.models.conversion.safetensors_io import INDEX_FILE, ShardWriter, plan_shards
+from megatron_copd.models.conversion.safetensors_io import (
+    INDEX_FILE,
+    ShardWriter,
+    plan_shards,
+)
 
 DEFAULT_SHARD_BYTES = 5 << 30
 DEFAULT_BLOCK_BYTES = 16 << 20
@@ -107,9 +111,10 @@ def resolve_keys(reader, maps: mp.ModelMapping, prefix: str, skip: tuple[str, ..
     """ParamMap.mcore -> the key present in the checkpoint; shapes checked; every tensor under
     ``prefix`` accounted for (``skip``: sub-prefixes deliberately left out)."""
     keys: dict[str, str] = {}
+    stored = set(reader.tensor_keys())
     for p in maps.params:
         for candidate in (p.mcore, *p.alt_mcore):
-            if prefix + candidate in reader.tensor_keys():
+            if prefix + candidate in stored:
                 keys[p.mcore] = prefix + candidate
                 break
         else:
@@ -131,7 +136,7 @@ def resolve_keys(reader, maps: mp.ModelMapping, prefix: str, skip: tuple[str, ..
     ]
     if unknown:
         raise CheckpointError(
-            f"{reader.path}: tensor {sorted(unknown)[0]!r} has no Hugging Face counterpart "
+            f"{reader.path}: tensor {min(unknown)!r} has no Hugging Face counterpart "
             f"(the model config and the weights disagree, or the model is not supported)"
         )
     return keys

@@ -38,7 +38,11 @@ from megatron_copd.config import ModelConfig
 from megatron_copd.config_base import to_dict
 from megatron_copd.errors import CheckpointError
 from megatron_copd.models.conversion import mapping as mp
-from megatron_copd.models.conversion.hf_config import LLAVA_ARCH, HFModelInfo, model_config_from_hf
+from megatron_copd.models.conversion.hf_config import (
+    LLAVA_ARCH,
+    HFModelInfo,
+    model_config_from_hf,
+)
 from megatron_copd.models.conversion.hf_tokenizer import copy_hf_tokenizer
 from megatron_copd.models.conversion.safetensors_io import HFCheckpoint
 
@@ -113,7 +117,7 @@ def check_weights(ckpt: HFCheckpoint, maps: mp.ModelMapping, where: str) -> None
     if unknown:
         more = f" (+{len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise CheckpointError(
-            f"{ckpt.path}: unexpected tensor {sorted(unknown)[0]!r}{more}: not part of the model "
+            f"{ckpt.path}: unexpected tensor {min(unknown)!r}{more}: not part of the model "
             f"{where} describes"
         )
 
