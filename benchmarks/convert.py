@@ -10,7 +10,8 @@ in a fresh subprocess (so its peak RSS is its own):
 
 - import:   HF safetensors -> torch_dist        (tools/import_from_hf.py's library call)
 - export:   torch_dist -> HF safetensors        (tools/convert_to_hf.py's library call)
-- limit:    read every input file + write the same number of bytes + fsync (``cat``-like copy)
+- limit:    read every input file + write the same number of bytes + fsync, the files copied
+            in parallel by as many threads as the converters use
 
 Memory is the peak RSS growth during the step (sampled every 5 ms, after imports). Figures are
 printed per repeat; the page cache is warm after the first pass (the machine's RAM
@@ -58,13 +59,15 @@ elif step == "export":
     from megatron_copd.models.conversion.hf_export import convert_to_hf
     r = convert_to_hf(a, b, workers=int(sys.argv[4]), with_tokenizer=False)
     n = r.bytes_written
-else:  # the physical limit: read all of a's files, write the same bytes into b, fsync
+else:  # the physical limit: read all of a's files, write the same bytes into b, fsync;
+    # files copied in parallel by as many threads as the converters use
     import os
+    from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
     os.makedirs(b)
-    n = 0
-    buf = bytearray(16 << 20)
-    for src in sorted(p for p in Path(a).rglob("*") if p.is_file()):
+
+    def copy(src):
+        buf, n = bytearray(16 << 20), 0
         with open(src, "rb", buffering=0) as fi, open(Path(b) / src.name, "wb", buffering=0) as fo:
             while True:
                 k = fi.readinto(buf)
@@ -73,6 +76,11 @@ else:  # the physical limit: read all of a's files, write the same bytes into b,
                 fo.write(memoryview(buf)[:k])
                 n += k
             os.fsync(fo.fileno())
+        return n
+
+    files = sorted((p for p in Path(a).rglob("*") if p.is_file()), key=lambda p: -p.stat().st_size)
+    with ThreadPoolExecutor(int(sys.argv[4])) as pool:
+        n = sum(pool.map(copy, files))
 dt = time.perf_counter() - t0
 done.set()
 peak[0] = max(peak[0], proc.memory_info().rss)
