@@ -11,6 +11,7 @@ from pathlib import Path
 
 import hf_fixtures as F
 import pytest
+import torch
 
 from megatron_copd.errors import UserError
 from megatron_copd.models.conversion.hf_export import convert_to_hf
@@ -135,3 +136,26 @@ def test_tools_exit_2_with_one_line(base):
               str(root / "o8"))
     assert r.returncode == 2 and "convert_to_hf: error:" in r.stderr
     assert not (root / "o6").exists() and not (root / "o7").exists()
+
+
+def test_branch_checkpoint_with_optimizer_state_and_latest_pointer(base, tmp_path):
+    """A training checkpoint: model weights beside Adam moments keyed by parameter, found through
+    the branch directory's ``latest`` file."""
+    from megatron_copd.checkpoint.torch_dist_io import TorchDistReader, TorchDistWriter
+
+    branch = tmp_path / "text"
+    with TorchDistReader(base["ckpt"]) as r, TorchDistWriter(branch / "iter_0000003") as w:
+        for key in r.tensor_keys():
+            t = r.read(key)
+            for k in (key, f"optimizer.state.exp_avg.{key}"):
+                w.declare_tensor(k, tuple(t.shape), t.dtype)
+                w.write_chunk(k, (0,) * t.dim(), t if k == key else torch.zeros_like(t))
+        for key in r.bytes_keys():
+            w.write_bytes(key, r.read_bytes(key))
+        w.meta = json.loads((base["ckpt"] / "copd_meta.json").read_text())
+        w.commit()
+    (branch / "latest").write_text("iter_0000003\n")
+    out = convert_to_hf(branch, tmp_path / "hf", tokenizer=base["ckpt"] / "tokenizer")
+    assert out.architecture == "Qwen3ForCausalLM"
+    with pytest.raises(UserError, match="no model under prefix 'x.'"):
+        convert_to_hf(branch, tmp_path / "hf2", prefix="x.")

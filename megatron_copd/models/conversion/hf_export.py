@@ -90,8 +90,10 @@ def model_from_meta(meta: dict[str, Any], where: str) -> ModelConfig:
 
 
 def detect_prefix(reader, prefix: str | None) -> str:
-    """The key prefix of the model's tensors (``model.``; branch checkpoints may differ)."""
-    found = sorted({k[: -len(EMBEDDING)] for k in reader.tensor_keys() if k.endswith(EMBEDDING)})
+    """The key prefix of the model's tensors (``model.``; another one with ``--prefix``).
+    Optimizer state (``optimizer.state.exp_avg.model.*`` ...) is never a candidate."""
+    found = sorted({k[: -len(EMBEDDING)] for k in reader.tensor_keys()
+                    if k.endswith(EMBEDDING) and not k.startswith("optimizer.")})
     if prefix is not None:
         if prefix not in found:
             raise CheckpointError(
