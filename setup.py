@@ -7,7 +7,7 @@ from setuptools import find_packages, setup
 HERE = Path(__file__).parent
 
 HF = ["transformers>=5.0,<6", "safetensors>=0.4", "protobuf>=4"]  # protobuf: SentencePiece -> HF
-MULTIMODAL = ["pillow>=10", "megatron-energon>=7.4,<8"]
+MULTIMODAL = ["pillow>=10", "megatron-energon>=7.4,<8", "av>=12"]  # av: video files
 # Transformer Engine is only useful on CUDA machines; it must never be installed on CPU-only
 # machines (merely importing it makes megatron-core pick TE norms that break CPU runs).
 GPU = ["transformer-engine[pytorch]>=2.0"]
@@ -34,6 +34,7 @@ setup(
         "sentencepiece>=0.2",
         "math-verify>=0.7",
         "pyarrow>=14",  # Parquet prompt datasets
+        "pillow>=10",  # the embedded toy world draws and reads PNG images
     ],
     extras_require={
         "hf": HF,

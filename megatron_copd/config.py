@@ -154,6 +154,8 @@ class ScheduleConfig:
     """Start phase II when an edge's overlap falls below `overlap_floor`; return above ceiling."""
     overlap_floor: float = 0.85
     overlap_ceiling: float = 0.95
+    merge_method: Literal["average", "task_arithmetic"] = "average"
+    """Final merge of the branches: uniform average, or base + sum of (branch - base) / K."""
     probe_overlap_phase1: bool = False
     """Also measure edge overlap during phase I (costs a peer scoring pass)."""
 

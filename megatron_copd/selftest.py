@@ -258,7 +258,7 @@ def _hold(seconds: float) -> str | None:
     Each poll is one MAX all-reduce of (2 = signal received, 1 = time is up, 0 = go on), so all
     ranks leave the loop together even though their clocks and signals differ a little.
     """
-    from megatron_copd.runtime.preemption import PreemptionWatcher
+    from megatron_copd.runtime.preemption import PreemptionHandler
 
     if dist.get_rank() == 0:
         print(
@@ -266,13 +266,13 @@ def _hold(seconds: float) -> str | None:
             flush=True,
         )
     start = time.monotonic()
-    with PreemptionWatcher() as watcher:
+    with PreemptionHandler() as watcher:
         while True:
-            local = 2 if watcher.requested_locally else int(time.monotonic() - start > seconds)
+            local = 2 if watcher.signalled else int(time.monotonic() - start > seconds)
             flag = torch.tensor([local], dtype=torch.int32, device=_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             if flag.item() == 2:
-                name = watcher.received.name if watcher.received else "a peer's signal"
+                name = watcher.signal_name or "a peer's signal"
                 return name
             if flag.item() == 1:
                 return None

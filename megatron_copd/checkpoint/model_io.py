@@ -72,4 +72,5 @@ def load_model(model, pgs, ckpt_dir: str | os.PathLike, process_group=None) -> d
 
 
 def _strip_prefix(state: dict) -> dict:
-    return {k[len(MODEL_PREFIX):] if k.startswith(MODEL_PREFIX) else k: v for k, v in state.items()}
+    # Only the model's entries: a training checkpoint also holds optimizer/scheduler/common state.
+    return {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}

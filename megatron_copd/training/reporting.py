@@ -27,7 +27,7 @@ def _dp_mean(metrics: dict[str, float], group) -> dict[str, float]:
 
 
 class Reporter:
-    def __init__(self, cfg, groups, schedule: Schedule) -> None:
+    def __init__(self, cfg, groups, schedule: Schedule, resume_step: int = 0) -> None:
         self.cfg = cfg
         self.groups = groups
         self.schedule = schedule
@@ -37,7 +37,10 @@ class Reporter:
         if dist.get_rank() == 0:
             from megatron_copd.metrics import MetricsWriter
 
-            self.writer = MetricsWriter(cfg.run_dir, tensorboard=cfg.logging.tensorboard)
+            # Records after the resume point (written by the killed run) are dropped.
+            last = {n: resume_step - 1 for n in cfg.branch_names}
+            self.writer = MetricsWriter(cfg.run_dir, tensorboard=cfg.logging.tensorboard,
+                                        resume_steps=last)
 
     @property
     def is_reporter(self) -> bool:
@@ -89,6 +92,12 @@ class Reporter:
                 parts.append(f"{r['branch']} r {r['reward_mean']:.2f}")
         print(f"[copd] step {plan.step + 1}/{total} cycle {plan.cycle} phase {plan.phase} | "
               + " | ".join(parts) + f" | {elapsed:.0f}s, eta {eta:.0f}s", flush=True)
+
+    def log_eval(self, model: str, accuracy: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for domain, acc in accuracy.items():
+                self.writer.log({"kind": "eval", "model": model, "domain": domain,
+                                 "accuracy": acc, "step": step})
 
     def close(self) -> None:
         if self.writer is not None:

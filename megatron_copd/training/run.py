@@ -86,6 +86,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def evaluate_all(cfg, groups, branch, res, rewards, domains, cache) -> dict[str, dict]:
+    """This branch's model on every domain."""
     return {
         d: evaluate_domain(cfg, groups, branch.model, res.tokenizer, rewards, res.sources.eval[d],
                            cache)
@@ -102,6 +103,11 @@ def _gather_by_branch(value, groups) -> list:
 
 
 def run_training(cfg: RunConfig) -> int:
+    from megatron_copd.rewards import RewardPool
+    from megatron_copd.runtime.exit_codes import EXIT_OK, EXIT_REQUEUE
+    from megatron_copd.runtime.preemption import PreemptionHandler
+    from megatron_copd.training.checkpointing import CheckpointManager
+
     init_distributed()
     run_dir = Path(cfg.run_dir)
     if dist.get_rank() == 0:
@@ -118,40 +124,51 @@ def run_training(cfg: RunConfig) -> int:
     schedule = Schedule(cfg)
     name = groups.branch_name
     branch = BranchModel(cfg, groups, res.tokenizer.image_token_id, schedule.total_steps)
-    if base is not None:
-        load_model(branch.model, groups.pgs, base, process_group=groups.branch_group)
-        _log(f"branches start from {base}")
     teachers = sorted({e.teacher for e in schedule.edges if e.student == name})
     data = BranchData(res.sources, name, teachers, cfg.seed, groups.branch)
+    results: dict = {"domains": sorted(res.sources.eval)}
 
-    from megatron_copd.rewards import RewardPool
+    ckpt = CheckpointManager(cfg.run_dir, groups, cfg, base_fingerprint=_fingerprint(base))
+    resumed = ckpt.load_latest(branch)
+    if resumed is not None:
+        state = resumed.engine_state
+        schedule.load_state_dict(state["schedule"])
+        data.load_state_dict(state["data"])
+        results.update(state.get("results", {}))
+        _log(f"resumed from {resumed.path} (step {resumed.iteration}/{schedule.total_steps})")
+    elif base is not None:
+        load_model(branch.model, groups.pgs, base, process_group=groups.branch_group)
+        _log(f"branches start from {base}")
+
+    def engine_state() -> dict:
+        return {"schedule": schedule.state_dict(), "data": data.state_dict(), "results": results}
 
     rewards = RewardPool(num_workers=cfg.grpo.reward_workers, timeout_s=cfg.grpo.reward_timeout_s)
-    reporter = Reporter(cfg, groups, schedule)
+    reporter = Reporter(cfg, groups, schedule,
+                        resume_step=resumed.iteration if resumed is not None else 0)
     cache: dict = {}
-    domains = sorted(res.sources.eval)
-    results: dict = {"domains": domains}
+    domains = results["domains"]
     try:
-        # Base accuracy: every branch is the base at step 0; split the domains among them.
-        if cfg.eval.at_end and schedule.position == 0:
-            mine = domains[groups.branch :: layout.num_branches]
-            acc = evaluate_all(cfg, groups, branch, res, rewards, mine, cache)
-            base_acc = {}
-            for part in _gather_by_branch(acc, groups):
-                base_acc.update(part)
-            results["base"] = {d: base_acc[d]["accuracy"] for d in domains}
+        if cfg.eval.at_end and "base" not in results:
+            # Every branch is still the base model: split the domains among the branches.
+            results["base"] = _evaluate_split(cfg, groups, branch.model, res, rewards, domains,
+                                              cache)
+            reporter.log_eval("base", results["base"], 0)
             _log("base accuracy: " + _fmt(results["base"]))
 
-        ctx = StepContext(cfg, groups, branch, res.tokenizer, data, rewards, cache)
-        step = RLStep(ctx)
-        while not schedule.done():
-            plan = schedule.peek()
-            metrics, edge_metrics = step.run(plan)
-            overlaps = reporter.step(plan, metrics, edge_metrics)
-            schedule.observe(overlaps)
-            schedule.advance()
+        step = RLStep(StepContext(cfg, groups, branch, res.tokenizer, data, rewards, cache))
+        with PreemptionHandler(cfg.checkpoint.grace_seconds) as stop:
+            while not schedule.done():
+                plan = schedule.peek()
+                metrics, edge_metrics = step.run(plan)
+                schedule.observe(reporter.step(plan, metrics, edge_metrics))
+                schedule.advance()
+                if ckpt.after_step(schedule.position, branch, engine_state, stop):
+                    _log("preempted: checkpoint written, exiting for requeue")
+                    return EXIT_REQUEUE
+        ckpt.save(schedule.total_steps, branch, engine_state)
+        ckpt.wait()
 
-        # Final evaluation: each branch on every domain.
         if cfg.eval.at_end:
             acc = evaluate_all(cfg, groups, branch, res, rewards, domains, cache)
             results["branches"] = {
@@ -159,14 +176,88 @@ def run_training(cfg: RunConfig) -> int:
                 for n, a in zip(layout.names, _gather_by_branch(acc, groups))
             }
             for n, a in results["branches"].items():
+                reporter.log_eval(n, a, schedule.total_steps)
                 _log(f"branch {n} accuracy: " + _fmt(a))
+            merged = _merge_branches(cfg, groups, run_dir, base, schedule)
+            if merged is not None:
+                load_model(branch.model, groups.pgs, merged, process_group=groups.branch_group)
+                results["merged"] = _evaluate_split(cfg, groups, branch.model, res, rewards,
+                                                    domains, cache)
+                reporter.log_eval("merged", results["merged"], schedule.total_steps)
+                _log("merged accuracy: " + _fmt(results["merged"]))
         if dist.get_rank() == 0:
             _write_json(run_dir / "results.json", results)
+            _print_table(results)
     finally:
+        ckpt.close()
         rewards.close()
         reporter.close()
     dist.barrier()
-    return 0
+    return EXIT_OK
+
+
+def _fingerprint(base: Path | None) -> str:
+    if base is None:
+        return "random-init"
+    from megatron_copd.checkpoint.fingerprint import compute_fingerprint
+
+    return compute_fingerprint(base)
+
+
+def _evaluate_split(cfg, groups, model, res, rewards, domains, cache) -> dict[str, float]:
+    """All branches hold the same weights: each evaluates a share of the domains."""
+    mine = domains[groups.branch :: groups.layout.num_branches]
+    acc = {d: evaluate_domain(cfg, groups, model, res.tokenizer, rewards, res.sources.eval[d],
+                              cache) for d in mine}
+    merged: dict = {}
+    for part in _gather_by_branch(acc, groups):
+        merged.update(part)
+    return {d: merged[d]["accuracy"] for d in domains}
+
+
+def _merge_branches(cfg, groups, run_dir: Path, base: Path | None, schedule) -> Path | None:
+    """Average the branches' final checkpoints (the tools/ merger's code) into run_dir/merged."""
+    if groups.layout.num_branches < 2 or cfg.schedule.recipe not in ("copd", "grpo"):
+        return None
+    from megatron_copd.checkpoint.ckpt_dirs import iter_name
+    from megatron_copd.checkpoint.merge import merge_checkpoints
+
+    out = run_dir / "merged"
+    inputs = [run_dir / "checkpoints" / n / iter_name(schedule.total_steps)
+              for n in groups.layout.names]
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            method = cfg.schedule.merge_method
+            merge_checkpoints([str(p) for p in inputs], str(out), method=method,
+                              base=str(base) if method == "task_arithmetic" else None,
+                              overwrite=True)
+        except Exception as e:  # noqa: BLE001 - reported on every rank below
+            error = f"merging the branches failed: {e}"
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise RuntimeError(box[0])
+    return out
+
+
+def _print_table(results: dict) -> None:
+    domains = results.get("domains", [])
+    cols = [("base", results.get("base"))]
+    cols += [(n, a) for n, a in results.get("branches", {}).items()]
+    cols += [("merged", results.get("merged"))]
+    cols = [(n, a) for n, a in cols if a]
+    if not cols:
+        return
+    width = max(8, *(len(n) for n, _ in cols))
+    print("\n" + "domain".ljust(10) + "".join(n.rjust(width + 2) for n, _ in cols))
+    for d in [*domains, "overall"]:
+        row = d.ljust(10)
+        for _, a in cols:
+            v = sum(a.values()) / len(a) if d == "overall" else a[d]
+            row += f"{100 * v:.1f}%".rjust(width + 2)
+        print(row)
+    print(flush=True)
 
 
 def _fmt(acc: dict[str, float]) -> str:
@@ -174,33 +265,24 @@ def _fmt(acc: dict[str, float]) -> str:
 
 
 def run_evaluation(cfg: RunConfig, checkpoint: str) -> int:
+    """`copd eval`: one checkpoint (a branch's iter dir, a merged or an imported model) on every
+    domain's held-out set; the branches' ranks share the domains."""
+    from megatron_copd.models.factory import build_model
+    from megatron_copd.rewards import RewardPool
+
     init_distributed()
     res = Resources(cfg)
     layout = BranchLayout(cfg.branch_names, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
                           dp=cfg.parallel.dp, cp=cfg.parallel.cp)
     groups = build_branch_groups(layout)
     init_megatron_state(groups, cfg.seed)
-    from megatron_copd.models.factory import build_model
-    from megatron_copd.rewards import RewardPool
-
     model = build_model(cfg, groups.pgs, image_token_id=res.tokenizer.image_token_id)
     if torch.cuda.is_available():
         model.cuda()
     load_model(model, groups.pgs, checkpoint, process_group=groups.branch_group)
-
-    class _M:  # evaluate_all expects an object with `.model`
-        pass
-
-    holder = _M()
-    holder.model = model
     domains = sorted(res.sources.eval)
-    mine = domains[groups.branch :: layout.num_branches]
     with RewardPool(num_workers=cfg.grpo.reward_workers, timeout_s=cfg.grpo.reward_timeout_s) as rw:
-        acc = evaluate_all(cfg, groups, holder, res, rw, mine, {})
-    merged: dict = {}
-    for part in _gather_by_branch(acc, groups):
-        merged.update(part)
+        acc = _evaluate_split(cfg, groups, model, res, rw, domains, {})
     if dist.get_rank() == 0:
-        out = {d: merged[d]["accuracy"] for d in domains}
-        print(json.dumps({"checkpoint": checkpoint, "accuracy": out}, indent=2))
+        print(json.dumps({"checkpoint": str(checkpoint), "accuracy": acc}, indent=2))
     return 0
