@@ -49,9 +49,6 @@ from megatron_copd.models.conversion.safetensors_io import (
 DEFAULT_SHARD_BYTES = 5 << 30
 DEFAULT_BLOCK_BYTES = 16 << 20
 EMBEDDING = "language_model.embedding.word_embeddings.weight"
-# The statistics CLIP-style towers are trained with (also megatron_copd.data.media's).
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 @dataclass
@@ -303,6 +300,8 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _write_processor(d: Path, model: ModelConfig, image_token: str | None) -> None:
+    from megatron_copd.data.media import IMAGE_MEAN, IMAGE_STD
+
     v = model.vision
     _write_json(d / "preprocessor_config.json", {
         "image_processor_type": "CLIPImageProcessor",
@@ -314,8 +313,8 @@ def _write_processor(d: Path, model: ModelConfig, image_token: str | None) -> No
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": CLIP_MEAN,
-        "image_std": CLIP_STD,
+        "image_mean": list(IMAGE_MEAN),
+        "image_std": list(IMAGE_STD),
     })
     _write_json(d / "processor_config.json", {
         "processor_class": "LlavaProcessor",
