@@ -73,36 +73,43 @@ def main() -> None:
     from megatron_copd.rewards.registry import verifier_spec
     from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
     from megatron_copd.runtime.distributed import LaunchEnv, free_port, init_distributed
+    from megatron_copd.data.records import load_many
+    from megatron_copd.data.toy.vocab import build_toy_tokenizer
+    from megatron_copd.data.toy.world import build_toy_world
     from megatron_copd.runtime.megatron_state import init_megatron_state
-    from megatron_copd.training.run import Resources
+    from megatron_copd.training.toy_base import ensure_toy_base
 
     init_distributed(LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "local"))
+    groups = build_branch_groups(BranchLayout.from_world(("a",), 1, tp=1, pp=1))
+    init_megatron_state(groups, 0)  # the memory buffer and RNG the base warm-up needs
     overrides: list[str] = []
     if args.class_token:
         overrides.append("model.vision.class_token=true")
     # The toy config has two branches; the base and this check use one process.
-    cfg = load_config(None, overrides, world_size=2)
-    res = Resources(cfg)
-    base = res.base_checkpoint(cfg)
+    cfg = load_config(None, overrides, world_size=2)  # the toy config has two branches
+    cache = Path(cfg.data.cache_dir or os.environ.get("COPD_CACHE_DIR")
+                 or "~/.cache/megatron-copd").expanduser()
+    world = build_toy_world(cache, seed=cfg.data.base_seed, train_size=cfg.data.train_size,
+                            eval_size=cfg.data.eval_size)
+    tok = build_toy_tokenizer(world)
+    tok_dir = world.root / "tokenizer"  # where build_toy_tokenizer keeps the default vocabulary
+    base = ensure_toy_base(cfg, world, tok, str(tok_dir), cache)
     text_only = not cfg.model.vision.class_token
     out = Path(args.out or tempfile.mkdtemp(prefix="toy-hf-")) / "hf"
     t0 = time.perf_counter()
-    exported = convert_to_hf(base, out, tokenizer=res.tokenizer_dir, text_only=text_only,
+    exported = convert_to_hf(base, out, tokenizer=tok_dir, text_only=text_only,
                              overwrite=True)
     print(f"toy base {base} -> {exported.architecture} at {out} in "
           f"{time.perf_counter() - t0:.1f} s{' (language model only)' if text_only else ''}")
 
     cfg1 = load_config(None, overrides + ["branches=[{name: a}]"], world_size=1)
-    groups = build_branch_groups(BranchLayout.from_world(("a",), 1, tp=1, pp=1))
-    init_megatron_state(groups, 0)
-    tok = res.tokenizer
     mine = build_model(cfg1, groups.pgs, image_token_id=tok.image_token_id).eval()
     load_model(mine, groups.pgs, base)
     cls = T.AutoModelForCausalLM if text_only else T.LlavaForConditionalGeneration
     theirs = cls.from_pretrained(str(out), dtype=torch.float32).eval()
     max_new = cfg.grpo.max_new_tokens
     for domain in ["text"] if text_only else ["text", "image"]:
-        records = res.sources.eval[domain][: args.items]
+        records = load_many([world.path(domain, "eval")])[: args.items]
         same = correct_m = correct_h = 0
         t_m = t_h = 0.0
         for r in records:

@@ -121,6 +121,11 @@ def test_imported_model_config(conv):
     assert "num_layers: 2" in snippet and str(out / "tokenizer") in snippet
     tok = json.loads((out / "tokenizer" / "copd_tokenizer.json").read_text())
     assert tok == {"image_token": "<image>", "library": "huggingface"}
+    from megatron_copd.data.tokenizer import Tokenizer
+
+    loaded = Tokenizer.load(out / "tokenizer")  # what data.tokenizer gives a run
+    assert loaded.library == "huggingface" and loaded.image_token_id == F.IMAGE_TOKEN
+    assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (1, 2, 3)
     assert conv["imported"]["qwen3"].model.use_qk_norm
 
 

@@ -188,7 +188,8 @@ def _import(ckpt: HFCheckpoint, info: HFModelInfo, hf_dir: Path, output: Path,
         )
         snippet = {"model": to_dict(info.model), "checkpoint": {"load": str(output.resolve())}}
         if tok:
-            snippet["data"] = {"tokenizer": str((output / TOKENIZER_DIR).resolve())}
+            snippet["data"] = {"world": "files",
+                               "tokenizer": str((output / TOKENIZER_DIR).resolve())}
         (writer.tmp / SNIPPET_FILE).write_text(
             f"# Imported from {hf_dir.resolve()} ({info.architecture}); merge into a run "
             f"config.\n" + yaml.safe_dump(snippet, sort_keys=False)
