@@ -191,13 +191,15 @@ def main() -> None:
                 print(f"[{rep}] {label:34s} {r['seconds']:6.2f} s  "
                       f"{r['bytes'] / r['seconds'] / 1e9:5.2f} GB/s  peak RSS growth "
                       f"{r['peak_rss_mb']:6.0f} MB{'  (cold cache)' if cold else ''}")
-        last = {r["label"]: r for r in rows if r["rep"] == args.repeat - 1}
-        imp, exp = last["import"]["seconds"], last["export"]["seconds"]
-        lim_in = last["limit: copy the HF files"]["seconds"]
-        lim_mc = last["limit: copy the torch_dist files"]["seconds"]
-        print(f"summary (last repeat): import {imp:.2f} s = {imp / lim_in:.2f}x the copy of the "
-              f"same bytes ({lim_in:.2f} s); export {exp:.2f} s = {exp / lim_mc:.2f}x "
-              f"({lim_mc:.2f} s)")
+        def median(label: str) -> float:
+            xs = sorted(r["seconds"] for r in rows if r["label"] == label)
+            return xs[len(xs) // 2]
+
+        imp, exp = median("import"), median("export")
+        lim_in, lim_mc = median("limit: copy the HF files"), median("limit: copy the torch_dist files")
+        print(f"summary (medians of {args.repeat}): import {imp:.2f} s = {imp / lim_in:.2f}x the "
+              f"copy of the same bytes ({lim_in:.2f} s); export {exp:.2f} s = "
+              f"{exp / lim_mc:.2f}x ({lim_mc:.2f} s)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

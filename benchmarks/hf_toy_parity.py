@@ -68,14 +68,14 @@ def main() -> None:
     from megatron_copd.checkpoint.model_io import load_model
     from megatron_copd.config import load_config
     from megatron_copd.data.prompting import encode_prompt
+    from megatron_copd.data.records import load_many
+    from megatron_copd.data.toy.vocab import build_toy_tokenizer
+    from megatron_copd.data.toy.world import build_toy_world
     from megatron_copd.models.conversion.hf_export import convert_to_hf
     from megatron_copd.models.factory import build_model
     from megatron_copd.rewards.registry import verifier_spec
     from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
     from megatron_copd.runtime.distributed import LaunchEnv, free_port, init_distributed
-    from megatron_copd.data.records import load_many
-    from megatron_copd.data.toy.vocab import build_toy_tokenizer
-    from megatron_copd.data.toy.world import build_toy_world
     from megatron_copd.runtime.megatron_state import init_megatron_state
     from megatron_copd.training.toy_base import ensure_toy_base
 
