@@ -96,17 +96,28 @@ class ParallelConfig:
     """Data-parallel size per branch; null derives it from the world size."""
     sequence_parallel: bool = False
     distributed_optimizer: bool | None = None
-    """Shard optimizer state over DP; default on with CUDA, off on CPU."""
+    """Shard optimizer state over DP; default on with CUDA + NCCL, off on CPU/gloo."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation (megatron's recompute_granularity)."""
 
 
 @dataclass
 class PrecisionConfig:
+    """Mixed precision. Weights and activations in `dtype`; with bf16/fp16 the optimizer keeps
+    fp32 master weights and gradients are reduced in fp32. See docs/GPU.md."""
+
     dtype: Literal["fp32", "bf16", "fp16"] | None = None
     """Training dtype; default bf16 with CUDA, fp32 on CPU."""
     fp8: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] | None = None
-    """FP8 recipe for training GEMMs (Transformer Engine, Hopper+); null disables FP8."""
+    """FP8 recipe for training GEMMs (Transformer Engine): delayed = delayed scaling,
+    tensorwise = per-tensor current scaling, blockwise = 1x128/128x128 block scaling (Hopper,
+    CUDA >= 12.9), mxfp8 = MX block scaling (Blackwell only); null disables FP8."""
+    fp8_format: Literal["hybrid", "e4m3"] | None = None
+    """FP8 formats: hybrid = E4M3 forward, E5M2 gradients; e4m3 everywhere. Default: e4m3 for
+    mxfp8, hybrid otherwise."""
+    fp8_bf16_edge_layers: int | None = None
+    """Keep the first and last N decoder layers in BF16; default 1 for tensorwise, else 0
+    (delayed scaling cannot)."""
     fp8_rollout: bool = False
     """Also run rollout / teacher scoring forwards in FP8 (default: BF16)."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
@@ -354,8 +365,11 @@ def validate(
             )
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel: needs parallel.tp > 1")
-    if cfg.precision.fp8 is not None and check_device:
-        _check_fp8_available()
+    if p.cp > 1:
+        # Sequences carry explicit [B, 1, T, T] masks (left padding), which Transformer Engine's
+        # context-parallel attention cannot take; rollout and scoring refuse CP as well.
+        raise ConfigError("parallel.cp: context parallelism is not supported yet; use 1")
+    _validate_precision(cfg, check_device)
 
     if not cfg.branches:
         raise ConfigError("branches: at least one branch is required")
@@ -371,7 +385,7 @@ def validate(
     g = cfg.grpo
     _check_positive(g, "grpo", ["prompts_per_step", "group_size", "max_new_tokens"])
     if not (0 <= g.eps_low < 1) or g.eps_high < 0:
-        raise ConfigError(f"grpo.eps_low/eps_high: expected 0 <= eps_low < 1 and eps_high >= 0")
+        raise ConfigError("grpo.eps_low/eps_high: expected 0 <= eps_low < 1 and eps_high >= 0")
     if g.temperature <= 0:
         raise ConfigError(f"grpo.temperature: expected > 0, got {g.temperature}")
     if not 0 < g.top_p <= 1:
@@ -404,18 +418,35 @@ def validate(
     return cfg
 
 
-def _check_fp8_available() -> None:
-    import importlib.util
+def _validate_precision(cfg: RunConfig, check_device: bool) -> None:
+    pr, m = cfg.precision, cfg.model
+    if pr.fp8 is None:
+        for name in ("fp8_format", "fp8_bf16_edge_layers"):
+            if getattr(pr, name) is not None:
+                raise ConfigError(f"precision.{name}: only applies with precision.fp8 set")
+        if pr.fp8_rollout:
+            raise ConfigError("precision.fp8_rollout: needs a precision.fp8 recipe")
+        return
+    if pr.transformer_impl == "local":
+        raise ConfigError("precision.fp8: FP8 needs Transformer Engine layers, not "
+                          "precision.transformer_impl='local'")
+    if pr.dtype == "fp32":
+        raise ConfigError("precision.dtype: FP8 training needs bf16 (or fp16) weights, not fp32")
+    if pr.fp8 == "mxfp8" and pr.fp8_format == "hybrid":
+        raise ConfigError("precision.fp8_format: mxfp8 uses e4m3")
+    edge = pr.fp8_bf16_edge_layers
+    if edge is not None:
+        if pr.fp8 == "delayed" and edge > 0:
+            raise ConfigError("precision.fp8_bf16_edge_layers: delayed scaling cannot keep "
+                              "layers in BF16; use 0 or another recipe")
+        per_stage = m.num_layers // cfg.parallel.pp
+        if not 0 <= edge <= per_stage // 2:
+            raise ConfigError(f"precision.fp8_bf16_edge_layers: expected 0..{per_stage // 2} "
+                              f"(half the {per_stage} layers per pipeline stage), got {edge}")
+    if check_device:
+        from megatron_copd.models.precision import check_fp8_here
 
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError("precision.fp8: FP8 needs a CUDA GPU (Hopper or newer); none found")
-    if importlib.util.find_spec("transformer_engine") is None:
-        raise ConfigError(
-            "precision.fp8: FP8 needs Transformer Engine; install the 'gpu' extra "
-            "(pip install 'megatron-copd[gpu]')"
-        )
+        check_fp8_here(pr.fp8)
 
 
 def default_config_path() -> Path:

@@ -172,12 +172,13 @@ def _exchange_with_peers(groups, mb: float, errors: list[str]) -> tuple[float | 
     inbox = {p: torch.empty(n, dtype=torch.float32, device=dev) for p in peers}
 
     def exchange() -> None:
+        from megatron_copd.runtime.distributed import batch_p2p
+
         ops = []
         for p in peers:
             ops.append(dist.P2POp(dist.isend, mine, p))
             ops.append(dist.P2POp(dist.irecv, inbox[p], p))
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
+        batch_p2p(ops)
 
     exchange()  # warm-up (connection set-up on first use)
     reps = 3

@@ -23,9 +23,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_copd.checkpoint.meta import META_FILE, read_meta  # noqa: F401 (re-exported)
 from megatron_copd.errors import CheckpointError
 
-META_FILE = "copd_meta.json"
 LATEST_FILE = "latest"
 TMP_SUFFIX = ".tmp"
 DELETING_SUFFIX = ".deleting"
@@ -141,17 +141,6 @@ def publish_dir(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
-def read_meta(ckpt_dir: str | os.PathLike) -> dict:
-    path = Path(ckpt_dir) / META_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{ckpt_dir}: not a megatron-copd checkpoint (no {META_FILE})")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupted metadata ({e})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: corrupted metadata (expected a JSON object)")
-    return meta
 
 
 def verify_files(ckpt_dir: str | os.PathLike) -> None:

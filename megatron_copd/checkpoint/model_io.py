@@ -10,7 +10,6 @@ a checkpoint saved at one layout loads at any other.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -18,10 +17,11 @@ from typing import Any
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from megatron_copd.checkpoint.meta import META_FILE, read_meta, write_meta  # noqa: F401
 from megatron_copd.errors import CheckpointError
 
-META_FILE = "copd_meta.json"
 MODEL_PREFIX = "model."
 
 
@@ -41,20 +41,10 @@ def save_model(model, pgs, ckpt_dir: str | os.PathLike, meta: dict[str, Any]) ->
     dist.barrier()
     dist_checkpointing.save(sharded_model_state(model, pgs), str(tmp))
     if dist.get_rank() == 0:
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        write_meta(tmp, meta)
         os.replace(tmp, final)
     dist.barrier()
     return final
-
-
-def read_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(ckpt_dir) / META_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{ckpt_dir}: not a megatron-copd checkpoint (no {META_FILE})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: corrupted metadata ({e.msg} at line {e.lineno})") from None
 
 
 def load_model(model, pgs, ckpt_dir: str | os.PathLike, process_group=None) -> dict[str, Any]:
@@ -66,9 +56,31 @@ def load_model(model, pgs, ckpt_dir: str | os.PathLike, process_group=None) -> d
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
     state = sharded_model_state(model, pgs)
-    loaded = dist_checkpointing.load(state, str(ckpt_dir), process_group=process_group)
-    model.load_state_dict(_strip_prefix(loaded), strict=True)
+    # Keys the model asks for that the checkpoint lacks come back instead of failing inside
+    # the loader: Transformer Engine layers carry `_extra_state` (FP8 scaling metadata) that a
+    # checkpoint written with local layers (CPU, HF import) does not have. Those keep the
+    # layer's fresh state; any other missing key is an error.
+    loaded, _, absent = dist_checkpointing.load(
+        state, str(ckpt_dir), process_group=process_group, strict=StrictHandling.RETURN_UNEXPECTED
+    )
+    missing_weights = sorted(k for k in absent if not _is_extra_state(k))
+    if missing_weights:
+        shown = ", ".join(missing_weights[:3]) + (" ..." if len(missing_weights) > 3 else "")
+        raise CheckpointError(
+            f"{ckpt_dir}: {len(missing_weights)} weight(s) of the model are not in the "
+            f"checkpoint ({shown}); does it match model.*?"
+        )
+    own = model.state_dict()
+    weights = _strip_prefix(loaded)
+    for key in own:
+        if _is_extra_state(key) and key not in weights:
+            weights[key] = own[key]
+    model.load_state_dict(weights, strict=True)
     return meta
+
+
+def _is_extra_state(key: str) -> bool:
+    return key.split("/")[0].endswith("_extra_state")
 
 
 def _strip_prefix(state: dict) -> dict:

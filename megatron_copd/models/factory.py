@@ -17,6 +17,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_copd.config import ModelConfig, ParallelConfig, PrecisionConfig, RunConfig
+from megatron_copd.models import precision as prec
 from megatron_copd.models import specs
 from megatron_copd.models.language_model import LanguageModel
 from megatron_copd.models.vlm import CopdModel
@@ -29,7 +30,9 @@ def resolve_dtype(precision: PrecisionConfig) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _common_kwargs(parallel: ParallelConfig, precision: PrecisionConfig, te: bool) -> dict:
+def _common_kwargs(
+    parallel: ParallelConfig, precision: PrecisionConfig, te: bool, num_layers: int = 1
+) -> dict:
     dtype = resolve_dtype(precision)
     on_cpu = not torch.cuda.is_available()
     kw = dict(
@@ -47,7 +50,9 @@ def _common_kwargs(parallel: ParallelConfig, precision: PrecisionConfig, te: boo
         # same seed gives the same weights at every TP size; no CUDA fusions.
         use_cpu_initialization=on_cpu,
         bias_activation_fusion=not on_cpu,
-        masked_softmax_fusion=not on_cpu,
+        # Never: megatron's fused causal softmax ignores an explicit mask (ours carry the left
+        # padding) and needs an apex/NGC-only extension. The TE path has its own attention.
+        masked_softmax_fusion=False,
         persist_layer_norm=not on_cpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
@@ -56,7 +61,7 @@ def _common_kwargs(parallel: ParallelConfig, precision: PrecisionConfig, te: boo
     if precision.fp8 is not None:
         if not te:
             raise ValueError("precision.fp8 needs Transformer Engine layers")
-        kw.update(fp8="hybrid" if precision.fp8 == "delayed" else "e4m3", fp8_recipe=precision.fp8)
+        kw.update(prec.fp8_transformer_kwargs(precision, num_layers, parallel.pp))
     if parallel.recompute != "none":
         kw.update(recompute_granularity=parallel.recompute)
         if parallel.recompute == "full":
@@ -68,7 +73,7 @@ def lm_transformer_config(cfg: RunConfig, te: bool | None = None) -> Transformer
     """Map the model/parallel/precision sections onto megatron's TransformerConfig."""
     m: ModelConfig = cfg.model
     te = specs.use_transformer_engine(cfg.precision) if te is None else te
-    kw = _common_kwargs(cfg.parallel, cfg.precision, te)
+    kw = _common_kwargs(cfg.parallel, cfg.precision, te, m.num_layers)
     kw.update(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -109,8 +114,7 @@ def vision_transformer_config(cfg: RunConfig, te: bool) -> TransformerConfig:
         init_method_std=cfg.model.init_std,
         sequence_parallel=False,
     )
-    kw.pop("fp8", None)  # vision GEMMs are small: keep them in BF16
-    kw.pop("fp8_recipe", None)
+    _drop_fp8(kw)  # vision GEMMs are small: keep them in BF16
     return TransformerConfig(**kw)
 
 
@@ -127,9 +131,14 @@ def projector_transformer_config(cfg: RunConfig, te: bool) -> TransformerConfig:
         init_method_std=cfg.model.init_std,
         sequence_parallel=False,
     )
-    kw.pop("fp8", None)
-    kw.pop("fp8_recipe", None)
+    _drop_fp8(kw)
     return TransformerConfig(**kw)
+
+
+def _drop_fp8(kw: dict) -> None:
+    for key in [k for k in kw if k.startswith(("fp8", "num_layers_at_"))]:
+        kw.pop(key)
+    kw.pop("first_last_layers_bf16", None)
 
 
 def build_model(
@@ -193,7 +202,10 @@ def build_model(
         vision_projection=projection,
         image_token_id=image_token_id,
         pg_collection=pgs,
+        tokens_per_image=m.vision.tokens_per_image if m.vision is not None else None,
     )
+    # Rollout / scoring forwards read this through models.precision.inference_precision.
+    model.fp8_inference = cfg.precision.fp8 is not None and cfg.precision.fp8_rollout
     # Some megatron modules (CLIPViTModel) keep no `tp_group`; their sharded_state_dict then
     # falls back to the global parallel_state, which this project never initialises.
     for module in model.modules():

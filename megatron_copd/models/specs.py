@@ -1,11 +1,24 @@
 """Layer specs: Transformer Engine layers on CUDA machines with TE, megatron's local layers
-otherwise (always on CPU, also when TE happens to be installed)."""
+otherwise (always on CPU, also when TE happens to be installed).
+
+Attention masks. Every sequence in this project carries an explicit boolean mask
+``[B, 1, T, T]`` (True = masked): causal AND key-is-a-real-token, because rollout batches are
+left-padded (``rollout.layout``); decode steps pass ``[B, 1, 1, L]`` key-padding masks. TE's
+fused/flash kernels only take causal or right-padding masks (cu_seqlens), which cannot express
+left padding, and megatron switches the decode-step mask type to ``no_mask`` (ignoring the mask).
+So the TE decoder layer uses :func:`masked_te_attention`: whenever a mask is given, TE runs the
+``arbitrary`` mask type (its unfused kernel: exact, but O(T^2) memory and no flash); with no mask
+the layer's declared type (causal) is kept and TE picks flash/cuDNN. docs/GPU.md discusses the
+cost and the padding-free layouts that would lift it.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_copd.config import ConfigError, PrecisionConfig
@@ -20,7 +33,8 @@ def use_transformer_engine(precision: PrecisionConfig) -> bool:
     impl = precision.transformer_impl
     if impl == "local":
         if precision.fp8 is not None:
-            raise ConfigError("precision.fp8: FP8 needs precision.transformer_impl != 'local'")
+            raise ConfigError("precision.fp8: FP8 needs Transformer Engine layers, not "
+                              "precision.transformer_impl='local'")
         return False
     if impl == "transformer_engine":
         if not te_available():
@@ -37,8 +51,29 @@ def lm_layer_spec(qk_layernorm: bool, te: bool) -> ModuleSpec:
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if te:
-        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+        spec = specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+        spec.submodules.self_attention.submodules.core_attention = masked_te_attention()
+        return spec
     return specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+
+
+def effective_mask_type(attention_mask, declared: AttnMaskType) -> AttnMaskType:
+    """The mask type TE must run for ``attention_mask``: ``arbitrary`` whenever an explicit
+    mask is given (it is the whole truth about what may be attended), else the declared one."""
+    return declared if attention_mask is None else AttnMaskType.arbitrary
+
+
+@functools.cache
+def masked_te_attention():
+    """TEDotProductAttention that honours explicit masks (see the module docstring)."""
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+    class MaskedTEDotProductAttention(TEDotProductAttention):
+        def forward(self, query, key, value, attention_mask, attn_mask_type, *args, **kwargs):
+            mask_type = effective_mask_type(attention_mask, attn_mask_type)
+            return super().forward(query, key, value, attention_mask, mask_type, *args, **kwargs)
+
+    return MaskedTEDotProductAttention
 
 
 def vit_layer_spec(te: bool) -> ModuleSpec:

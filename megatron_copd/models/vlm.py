@@ -27,6 +27,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 class CopdModel(MegatronModule):
     """Language model with an optional vision encoder; forward mirrors GPTModel.forward."""
 
+    fp8_inference: bool = False
+    """Rollout/scoring forwards in FP8 (precision.fp8_rollout); see models.precision."""
+
     def __init__(
         self,
         config: TransformerConfig,
@@ -35,12 +38,16 @@ class CopdModel(MegatronModule):
         vision_projection: MultimodalProjector | None,
         image_token_id: int | None,
         pg_collection: ProcessGroupCollection,
+        tokens_per_image: int | None = None,
     ) -> None:
         super().__init__(config=config)
         self.language_model = language_model
         self.vision_model = vision_model
         self.vision_projection = vision_projection
         self.image_token_id = image_token_id
+        # Known on every pipeline stage (the vision tower lives on the first one only), so that
+        # input checks agree on all ranks. None for a text-only model.
+        self.tokens_per_image = tokens_per_image
         self.pg_collection = pg_collection
         self.tp_group = pg_collection.tp  # MegatronModule.sharded_state_dict reads it
         self.pre_process = language_model.pre_process

@@ -10,6 +10,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import random as mrandom
 
+from megatron_copd.runtime import fp8_groups
 from megatron_copd.runtime.branches import BranchGroups
 
 
@@ -17,6 +18,8 @@ def init_megatron_state(groups: BranchGroups, seed: int) -> None:
     """Call once per process after the branch groups exist."""
     if parallel_state._GLOBAL_MEMORY_BUFFER is None:
         parallel_state._set_global_memory_buffer()
+    # FP8 amax reductions over this branch's TP x DP group, never the whole world.
+    fp8_groups.install(groups.pgs)
     seed_everything(seed, groups.tp_rank)
 
 

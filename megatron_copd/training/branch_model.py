@@ -61,7 +61,10 @@ class BranchModel:
         if on_gpu:
             core.cuda()
         dist_opt = cfg.parallel.distributed_optimizer
-        dist_opt = on_gpu if dist_opt is None else dist_opt
+        if dist_opt is None:
+            # On GPUs with NCCL; not over gloo (CPU, or ranks sharing a GPU), whose CUDA
+            # reduce-scatter support is not to be relied on.
+            dist_opt = on_gpu and "nccl" in str(torch.distributed.get_backend(pgs.dp))
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
@@ -93,7 +96,7 @@ class BranchModel:
         self.optimizer = get_megatron_optimizer(
             opt_config, self.chunks, use_gloo_process_groups=False, pg_collection=pgs
         )
-        decay = max(1, total_steps)
+        decay = max(1, total_steps, o.warmup_steps + 1)  # megatron asserts warmup < decay
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
             init_lr=0.0 if o.warmup_steps else o.lr,

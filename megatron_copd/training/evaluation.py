@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_copd.data.prompting import encode_prompt
-from megatron_copd.rollout.generate import generate
+from megatron_copd.rollout.generation import generate
 from megatron_copd.rollout.sampling import SamplingParams
 
 

@@ -23,8 +23,10 @@ from megatron_copd.algorithms.grpo import group_advantages, zero_variance_groups
 from megatron_copd.algorithms.opd import mopd_advantages, opd_advantages
 from megatron_copd.algorithms.overlap import symmetric_kl_estimate, topk_overlap
 from megatron_copd.data.prompting import EncodedPrompt, encode_prompt
-from megatron_copd.rollout.exchange import ScoreSpec, score_edges
-from megatron_copd.rollout.generate import Rollout, generate
+from megatron_copd.models.precision import sequence_multiple
+from megatron_copd.rollout.exchange import score_edges
+from megatron_copd.rollout.scoring import ScoreSpec
+from megatron_copd.rollout.generation import Rollout, generate
 from megatron_copd.rollout.sampling import SamplingParams, derive_seed
 from megatron_copd.training.branch_data import BranchData, dp_share
 from megatron_copd.training.losses import policy_loss
@@ -73,7 +75,7 @@ class RLStep:
             out.append(cache[key])
         return out
 
-    def _sample(self, records, samples: int, seed: int) -> Rollout:
+    def _sample(self, records, samples: int, seed: int, topk: int = 0) -> Rollout:
         g = self.ctx.cfg.grpo
         enc = self._encode(records)
         pixels = [e.pixels for e in enc if e.pixels is not None]
@@ -84,7 +86,6 @@ class RLStep:
             top_k=g.top_k,
             stop_ids=self.stop_ids,
             seed=seed,
-            topk=self.ctx.cfg.opd.topk,
         )
         return generate(
             self.ctx.branch.model,
@@ -95,6 +96,7 @@ class RLStep:
             samples_per_prompt=samples,
             kv_batch_size=g.rollout_batch_size,
             pad_id=self.pad_id,
+            topk=topk,
         )
 
     def _rewards(self, records, rollout: Rollout, samples: int) -> tuple[torch.Tensor, dict]:
@@ -137,12 +139,10 @@ class RLStep:
         trains = self.name in plan.trains
 
         # 1. native GRPO batch
-        native_rewards = None
         if self.name in plan.native:
             records = dp_share(self.ctx.data.native_batch(g.prompts_per_step), dp_rank, dp_size)
             ro = self._sample(records, g.group_size, self._seed(plan.step, 0))
             rewards, rstats = self._rewards(records, ro, g.group_size)
-            native_rewards = rewards
             adv = group_advantages(rewards, g.group_size, g.adv_eps)
             keep = torch.ones(ro.num_samples, dtype=torch.bool)
             zero_var = zero_variance_groups(rewards, g.group_size)
@@ -161,7 +161,8 @@ class RLStep:
             records = dp_share(
                 self.ctx.data.peer_batch(e.teacher, cfg.opd.prompts_per_step), dp_rank, dp_size
             )
-            ro = self._sample(records, cfg.opd.samples_per_prompt, self._seed(plan.step, 1 + k))
+            ro = self._sample(records, cfg.opd.samples_per_prompt, self._seed(plan.step, 1 + k),
+                              topk=cfg.opd.topk)
             rollouts[e] = (records, ro)
 
         # 3. teacher scoring across branches (collective over the world)
@@ -171,8 +172,8 @@ class RLStep:
             scores = score_edges(
                 self.ctx.branch.model,
                 groups,
-                [(e.student, e.teacher) for e in all_edges],
-                {(e.student, e.teacher): ro for e, (_, ro) in rollouts.items()},
+                all_edges,
+                {e: ro for e, (_, ro) in rollouts.items()},
                 spec=ScoreSpec(topk=cfg.opd.topk, entropy=False),
                 micro_batch_size=g.micro_batch_size,
                 pad_id=self.pad_id,
@@ -204,7 +205,9 @@ class RLStep:
         # 4. the update
         if trains and len(samples):
             t1 = time.perf_counter()
-            batches, seq_len = build_micro_batches(samples, g.micro_batch_size, self.pad_id)
+            batches, seq_len = build_micro_batches(
+                samples, g.micro_batch_size, self.pad_id, pad_to=sequence_multiple(cfg)
+            )
             result = self.ctx.branch.train_step(batches, self.loss_fn, seq_len)
             metrics.update(result.metrics)
             metrics["grad_norm"] = result.grad_norm if result.grad_norm is not None else 0.0

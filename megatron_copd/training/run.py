@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,6 @@ from megatron_copd.training.evaluation import evaluate_domain
 from megatron_copd.training.reporting import Reporter
 from megatron_copd.training.rl_step import RLStep, StepContext
 from megatron_copd.training.schedule import Schedule
-from megatron_copd.training.topology import Edge, teachers_of
 
 
 def _log(msg: str) -> None:
@@ -56,8 +54,9 @@ class Resources:
                 cache, seed=cfg.data.base_seed, train_size=cfg.data.train_size,
                 eval_size=cfg.data.eval_size,
             )
-            self.tokenizer = build_toy_tokenizer(self.world)
-            self.tokenizer_dir = str(self.tokenizer.path)
+            self.tokenizer = build_toy_tokenizer(self.world, vocab_size=cfg.model.vocab_size)
+            name = "tokenizer" if cfg.model.vocab_size == 512 else f"tokenizer-{cfg.model.vocab_size}"
+            self.tokenizer_dir = str(self.world.root / name)
             self.sources = toy_sources(cfg, self.world)
         else:
             if not cfg.data.tokenizer:
@@ -67,6 +66,13 @@ class Resources:
             self.tokenizer = Tokenizer.load(cfg.data.tokenizer)
             self.tokenizer_dir = cfg.data.tokenizer
             self.sources = file_sources(cfg)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            from megatron_copd.config import ConfigError
+
+            raise ConfigError(
+                f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+                f"vocabulary ({self.tokenizer.vocab_size})"
+            )
 
     def base_checkpoint(self, cfg: RunConfig) -> Path | None:
         if cfg.checkpoint.load:

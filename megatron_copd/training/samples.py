@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_copd.rollout import inputs, layout
-from megatron_copd.rollout.generate import Rollout
+from megatron_copd.rollout.generation import Rollout
 
 
 @dataclass

@@ -27,7 +27,7 @@ from megatron_copd.data.prompting import encode_prompt, encode_response
 from megatron_copd.data.records import load_many
 from megatron_copd.data.sampler import MixedSampler, PromptSampler
 from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
-from megatron_copd.runtime.megatron_state import seed_everything
+from megatron_copd.runtime.megatron_state import init_megatron_state
 from megatron_copd.training.losses import sft_loss
 from megatron_copd.training.samples import SampleSet, build_micro_batches
 
@@ -60,12 +60,13 @@ def ensure_toy_base(cfg: RunConfig, world, tokenizer, tokenizer_dir: str, cache_
         "branches": [{"name": "base", "domains": list(DOMAINS)}],
         "parallel": {"tp": 1, "pp": 1},
         "optim": {"lr": cfg.data.base_warmup_lr, "lr_schedule": "cosine",
-                  "min_lr": cfg.data.base_warmup_lr * 0.1, "warmup_steps": 20, "clip_grad": 1.0},
+                  "min_lr": cfg.data.base_warmup_lr * 0.1,
+                  "warmup_steps": min(20, cfg.data.base_warmup_steps // 10), "clip_grad": 1.0},
     })
     world_size = dist.get_world_size()
     layout = BranchLayout(("base",), dp=world_size)
     groups = build_branch_groups(layout)
-    seed_everything(cfg.data.base_seed)
+    init_megatron_state(groups, cfg.data.base_seed)
     from megatron_copd.training.branch_model import BranchModel
 
     steps = cfg.data.base_warmup_steps
@@ -95,7 +96,7 @@ def ensure_toy_base(cfg: RunConfig, world, tokenizer, tokenizer_dir: str, cache_
         if (step + 1) % 50 == 0 or step == 0:
             log(f"toy base warm-up {step + 1}/{steps}: loss {result.metrics.get('loss', 0):.3f}")
     meta = {"kind": "toy-base", "model": to_dict(cfg.model), "warmup_steps": steps,
-            "tokenizer": str(tokenizer_dir), "base_fingerprint": path.name}
+            "tokenizer": str(tokenizer_dir), "base_fingerprint": None}
     # One private name for this build (agreed by all ranks), renamed into place when complete:
     # a concurrent run building the same base cannot interleave with this one.
     name = [f"{path.name}.build-{os.getpid()}"]
