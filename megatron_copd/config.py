@@ -37,10 +37,15 @@ class VisionConfig:
     image_size: int = 32
     """Square input resolution in pixels; images are resized to this."""
     patch_size: int = 8
+    """ViT patch size in pixels (divides image_size)."""
     hidden_size: int = 64
+    """ViT width."""
     num_layers: int = 2
+    """ViT layers."""
     num_attention_heads: int = 4
+    """ViT heads."""
     ffn_hidden_size: int = 128
+    """ViT MLP size."""
     class_token: bool = False
     """Prepend a class token (CLIP) — adds one embedding per image."""
     max_frames: int = 4
@@ -56,21 +61,33 @@ class ModelConfig:
     """A Qwen3/Llama-shaped decoder (RoPE, RMSNorm, SwiGLU, GQA), optionally with vision."""
 
     family: Literal["qwen3", "llama"] = "qwen3"
+    """qwen3 (QK-norm by default) or llama; decides defaults and the Hugging Face export."""
     vocab_size: int = 512
+    """Embedding rows; >= the tokenizer's vocabulary (the toy tokenizer is trained to this size)."""
     hidden_size: int = 128
+    """Width of the language model."""
     num_layers: int = 4
+    """Decoder layers (divisible by parallel.pp)."""
     num_attention_heads: int = 4
+    """Query heads (divisible by parallel.tp)."""
     num_query_groups: int = 2
+    """Key/value heads for grouped-query attention (divides the query heads)."""
     kv_channels: int | None = None
     """Head dimension; default hidden_size / num_attention_heads."""
     ffn_hidden_size: int = 512
+    """SwiGLU intermediate size."""
     qk_layernorm: bool | None = None
     """RMSNorm on queries and keys; default true for qwen3, false for llama."""
     tie_embeddings: bool = True
+    """Share the input embedding with the output layer."""
     rotary_base: float = 1000000.0
+    """RoPE base (theta)."""
     norm_epsilon: float = 1e-6
+    """RMSNorm epsilon."""
     max_sequence_length: int = 512
+    """Longest prompt + response the model is built for."""
     init_std: float = 0.02
+    """Standard deviation of the random init (also the ViT's position embeddings)."""
     vision: VisionConfig | None = None
     """Set to a mapping to build the VLM; null for a text-only LM."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -90,11 +107,15 @@ class ParallelConfig:
     """Per-branch parallelism. DP is derived: world = branches x TP x CP x DP x PP."""
 
     tp: int = 1
+    """Tensor-parallel size per branch."""
     pp: int = 1
+    """Pipeline-parallel size per branch."""
     cp: int = 1
+    """Context-parallel size per branch (1: rollout and scoring do not support CP yet)."""
     dp: int | None = None
     """Data-parallel size per branch; null derives it from the world size."""
     sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs TP > 1)."""
     distributed_optimizer: bool | None = None
     """Shard optimizer state over DP; default on with CUDA + NCCL, off on CPU/gloo."""
     recompute: Literal["none", "selective", "full"] = "none"
@@ -127,11 +148,13 @@ class PrecisionConfig:
 @dataclass
 class BranchConfig:
     name: str
+    """Branch name (letters, digits, '-', '_'): used in checkpoints/<name>/ and metrics."""
     domains: list[str] = field(default_factory=list)
     """Data domains this branch trains on (its own D_k); default [name]."""
     train_data: list[str] = field(default_factory=list)
     """JSONL/Parquet prompt files; empty = the toy world's generated data for `domains`."""
     eval_data: list[str] = field(default_factory=list)
+    """Held-out JSONL/Parquet files (data.world: files); grouped by each record's domain."""
     beta: float = 1.0
     """OPD advantage scale for this branch as a student (A_t = beta * (log pi_T - log pi_S))."""
 
@@ -141,13 +164,17 @@ class EdgeConfig:
     """Directed distillation edge: `student` rolls out on `teacher`'s prompts, `teacher` scores."""
 
     student: str
+    """The branch that rolls out and learns."""
     teacher: str
+    """The branch whose prompts are used and whose current policy scores."""
 
 
 @dataclass
 class ScheduleConfig:
     recipe: Literal["copd", "grpo", "mixed_rlvr", "static_opd", "mopd"] = "copd"
+    """copd | grpo | mixed_rlvr | static_opd | mopd (see training/schedule.py)."""
     cycles: int = 2
+    """Number of CoPD cycles N (phase I then phase II)."""
     s_rl: int = 3
     """Phase-I GRPO steps per cycle."""
     s_opd: int = 2
@@ -157,6 +184,7 @@ class ScheduleConfig:
     topology: Literal["pair", "hub", "all", "custom"] = "pair"
     """pair: 2 branches both ways; hub: `hub` <-> every other; all: every ordered pair."""
     hub: str | None = None
+    """Hub branch for topology=hub (default: the first branch)."""
     edges: list[EdgeConfig] = field(default_factory=list)
     """Explicit directed edges (topology=custom), or removals via `drop_edges`."""
     drop_edges: list[EdgeConfig] = field(default_factory=list)
@@ -164,7 +192,9 @@ class ScheduleConfig:
     adaptive: bool = False
     """Start phase II when an edge's overlap falls below `overlap_floor`; return above ceiling."""
     overlap_floor: float = 0.85
+    """Adaptive rhythm: an edge starts distilling below this top-k overlap."""
     overlap_ceiling: float = 0.95
+    """Adaptive rhythm: an edge stops distilling above this top-k overlap."""
     merge_method: Literal["average", "task_arithmetic"] = "average"
     """Final merge of the branches: uniform average, or base + sum of (branch - base) / K."""
     probe_overlap_phase1: bool = False
@@ -174,23 +204,33 @@ class ScheduleConfig:
 @dataclass
 class GRPOConfig:
     prompts_per_step: int = 8
+    """Native prompts per branch and step (divisible by DP); each gets group_size rollouts."""
     group_size: int = 8
+    """G: rollouts per prompt for the group-normalised advantage."""
     temperature: float = 1.0
+    """Sampling temperature of rollouts (log-probs for the loss are always at temperature 1)."""
     top_p: float = 1.0
+    """Nucleus sampling threshold (1 = off)."""
     top_k: int = 0
+    """Top-k sampling (0 = off)."""
     max_new_tokens: int = 24
+    """Longest response."""
     eps_low: float = 0.2
+    """Lower clip of the importance ratio (1 - eps_low)."""
     eps_high: float = 0.28
+    """Upper clip of the importance ratio (1 + eps_high; clip-higher when > eps_low)."""
     kl_coef: float = 0.0
     """KL-to-reference coefficient (paper: 0)."""
     filter_zero_variance: bool = False
     """Drop groups whose rewards are all equal (they carry no GRPO signal)."""
     adv_eps: float = 1e-6
+    """Added to the group std in the advantage normalisation."""
     default_verifier: str = "math"
     """Verifier for records without a `reward` field (math, choice, exact, numeric, or yours)."""
     reward_workers: int = 2
     """Worker processes for verifiers that need isolation (math-verify); 0 = in-process."""
     reward_timeout_s: float = 5.0
+    """Per-item time limit of a verifier; a timeout gives reward 0 and is counted."""
     micro_batch_size: int = 16
     """Sequences per forward/backward micro-batch."""
     rollout_batch_size: int = 64
@@ -202,6 +242,7 @@ class OPDConfig:
     prompts_per_step: int = 8
     """Peer prompts per phase-II step and edge (each sampled once by the student)."""
     samples_per_prompt: int = 1
+    """Student rollouts per peer prompt."""
     share_clip: bool = True
     """OPD tokens use the same clipped surrogate as GRPO tokens."""
     topk: int = 10
@@ -213,14 +254,23 @@ class OPDConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-5
+    """Peak learning rate (paper: 1e-6 constant)."""
     min_lr: float = 0.0
+    """Final learning rate of the cosine / linear schedules."""
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate decay over the run's steps."""
     warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
     weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay."""
     adam_beta1: float = 0.9
+    """Adam beta1."""
     adam_beta2: float = 0.999
+    """Adam beta2."""
     adam_eps: float = 1e-8
+    """Adam epsilon."""
     clip_grad: float = 1.0
+    """Gradient-norm clip (the norm is reduced over the branch's ranks only)."""
 
 
 @dataclass
@@ -234,13 +284,17 @@ class DataConfig:
     eval_size: int = 500
     """Held-out items per domain in the toy world."""
     train_size: int = 4000
+    """Toy world: training items per domain."""
     max_prompt_tokens: int = 160
+    """Longest prompt (image placeholders included); longer ones are refused."""
     base_seed: int = 0
     """Seed of the toy base model (independent of the run seed: every run starts from one base)."""
     base_warmup_steps: int = 400
     """Supervised warm-up steps that turn a random model into the toy base."""
     base_warmup_batch: int = 32
+    """Toy base warm-up: sequences per step (split over all ranks)."""
     base_warmup_lr: float = 2e-3
+    """Toy base warm-up: peak learning rate (cosine decay)."""
 
 
 @dataclass
@@ -250,8 +304,11 @@ class CheckpointConfig:
     interval: int = 0
     """Save every N steps per branch (0: only at the end / on preemption)."""
     keep_last: int = 2
+    """Keep the last N checkpoints of each branch (<= 0 keeps all)."""
     keep_every: int = 0
+    """Also keep every M-th iteration (0: none)."""
     async_save: bool = False
+    """Write checkpoints in the background (published when all ranks finished)."""
     grace_seconds: float = 120.0
     """After SIGTERM/SIGUSR1: finish the step, save, exit; budget for that."""
 
@@ -259,8 +316,11 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     tensorboard: bool = True
+    """Write TensorBoard scalars under run_dir/tb."""
     log_interval: int = 1
+    """Steps between console lines."""
     progress: bool = True
+    """Print one progress line per step (with ETA) on rank 0."""
 
 
 @dataclass
@@ -268,13 +328,17 @@ class EvalConfig:
     max_items: int = 500
     """Held-out items per domain evaluated (greedy decoding)."""
     at_end: bool = True
+    """Evaluate base (at start), every branch and the merged model (at the end)."""
     batch_size: int = 125
+    """Sequences decoded together during evaluation."""
 
 
 @dataclass
 class RunConfig:
     run_dir: str = "runs/copd"
+    """Run directory: config.yaml, metrics.jsonl, tb/, checkpoints/, merged/, results.json."""
     seed: int = 1234
+    """Run seed: rollout sampling, prompt order, RNG states (the toy base uses data.base_seed)."""
     world_size: int | None = None
     """Processes to start when run plainly; default branches x TP x PP x CP x (DP or 1)."""
     model: ModelConfig = field(default_factory=ModelConfig)
