@@ -6,7 +6,7 @@ from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 
-HF = ["transformers>=5.0,<6", "safetensors>=0.4"]
+HF = ["transformers>=5.0,<6", "safetensors>=0.4", "protobuf>=4"]  # protobuf: SentencePiece -> HF
 MULTIMODAL = ["pillow>=10", "megatron-energon>=7.4,<8", "av>=12"]  # av: video files
 # Transformer Engine is only useful on CUDA machines; it must never be installed on CPU-only
 # machines (merely importing it makes megatron-core pick TE norms that break CPU runs).

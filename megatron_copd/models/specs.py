@@ -81,7 +81,14 @@ def vit_layer_spec(te: bool) -> ModuleSpec:
 
     if te:
         return specs.get_vit_layer_with_transformer_engine_spec()
-    return specs.get_vit_layer_with_local_spec()
+    spec = specs.get_vit_layer_with_local_spec()
+    # Checkpoint the norms under Transformer Engine's fused names (as megatron's local GPT spec
+    # does), so CPU- and GPU-saved VLM checkpoints have the same keys.
+    spec.submodules.sharded_state_dict_keys_map = {
+        "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+        "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+    }
+    return spec
 
 
 def projector_submodules(te: bool):
