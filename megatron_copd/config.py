@@ -525,12 +525,37 @@ def load_config(
     check_device: bool = True,
 ) -> RunConfig:
     """YAML file (default: the embedded toy CoPD config) + overrides -> validated RunConfig."""
-    data = load_yaml(path or default_config_path())
+    data = _load_with_bases(Path(path) if path else default_config_path())
     for text in overrides:
         keys, value = parse_override(text)
         apply_override(data, keys, value, RunConfig)
     cfg = from_dict(RunConfig, data)
     return validate(cfg, world_size=world_size, check_device=check_device)
+
+
+def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML file whose top-level ``base: other.yaml`` (relative to the file) is loaded first and
+    overridden key by key (mappings merge recursively; lists and scalars replace)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to this file")
+    data = load_yaml(path)
+    parent = data.pop("base", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: base: expected a path to a YAML file, got {parent!r}")
+    return _deep_merge(_load_with_bases(path.parent / parent, (*seen, path)), data)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

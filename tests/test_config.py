@@ -61,3 +61,21 @@ def test_cli_prints_one_line_and_exits_nonzero():
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.splitlines() if l.startswith("copd:")]
     assert lines == ["copd: error: parallel.tp: 3 must divide model.num_attention_heads (4)"]
+
+
+def test_base_config_is_merged_and_loops_are_refused(tmp_path):
+    (tmp_path / "common.yaml").write_text(
+        "model: {hidden_size: 64, num_layers: 2}\nbranches: [{name: a}, {name: b}]\n"
+        "grpo: {group_size: 4}\n")
+    (tmp_path / "run.yaml").write_text(
+        "base: common.yaml\nmodel: {num_layers: 4}\nbranches: [{name: x}, {name: y}]\n")
+    cfg = load_config(tmp_path / "run.yaml")
+    assert (cfg.model.hidden_size, cfg.model.num_layers) == (64, 4)  # merged mapping
+    assert cfg.branch_names == ("x", "y")  # lists replace
+    assert cfg.grpo.group_size == 4
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "missing.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml: config file not found"):
+        load_config(tmp_path / "missing.yaml")
