@@ -75,6 +75,8 @@ def _resolve(path: str, base_dir: str | os.PathLike | None) -> Path:
 
 
 def _decode_video_file(path: Path, image_size: int, max_frames: int) -> list[Image.Image]:
+    if not path.is_file():
+        raise DataError(f"{path}: video file not found")
     try:
         import av
     except ImportError:
@@ -82,8 +84,6 @@ def _decode_video_file(path: Path, image_size: int, max_frames: int) -> list[Ima
             f"{path}: decoding video files needs PyAV; {MULTIMODAL_HINT} "
             f"(or give the video as a list of frame images)"
         ) from None
-    if not path.is_file():
-        raise DataError(f"{path}: video file not found")
     try:
         with av.open(str(path)) as container:
             # Shrink while decoding so a long video never holds full-size frames in memory.
