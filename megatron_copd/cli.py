@@ -38,7 +38,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from megatron_copd.training.compare import compare_command
 
-    return compare_command(args.config, args.overrides, seeds=args.seeds)
+    only = [v.strip() for v in args.variants.split(",") if v.strip()]
+    return compare_command(args.config, args.overrides, seeds=args.seeds, out=args.out,
+                           only=only)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -69,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="CoPD vs the baselines over several seeds")
     _add_config_args(p)
     p.add_argument("--seeds", type=int, default=3, help="seeds per recipe (default 3)")
+    p.add_argument("--variants", default="",
+                   help="comma-separated subset, e.g. experts,copd,static_opd (default: all)")
+    p.add_argument("--out", default=None, help="output directory (default <run_dir>/compare)")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("check", help="check a job's layout and paths before it queues")

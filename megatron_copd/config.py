@@ -274,6 +274,24 @@ class OptimConfig:
 
 
 @dataclass
+class ToyWorldConfig:
+    """Difficulty knobs of the generated toy world (each distinct setting is its own cached world)."""
+
+    text_min_steps: int = 1
+    """Text domain: fewest operations per arithmetic problem."""
+    text_max_steps: int = 1
+    """Text domain: most operations per arithmetic problem."""
+    text_max_operand: int = 9
+    """Text domain: largest operand (2..99); 9 keeps every operand a single digit."""
+    text_word_frac: float = 0.3
+    """Text domain: fraction of problems phrased as word problems."""
+    image_tasks: list[str] = field(default_factory=lambda: ["colour", "kind"])
+    """Image question types (colour, kind, count, count_colour, count_kind, majority, biggest)."""
+    video_tasks: list[str] = field(default_factory=lambda: ["colour"])
+    """Video question types (colour, direction, flashes, mover)."""
+
+
+@dataclass
 class DataConfig:
     world: Literal["toy", "files"] = "toy"
     """toy = the embedded CPU toy world (generated, cached); files = branches' data paths."""
@@ -289,12 +307,14 @@ class DataConfig:
     """Longest prompt (image placeholders included); longer ones are refused."""
     base_seed: int = 0
     """Seed of the toy base model (independent of the run seed: every run starts from one base)."""
-    base_warmup_steps: int = 400
+    base_warmup_steps: int = 1200
     """Supervised warm-up steps that turn a random model into the toy base."""
     base_warmup_batch: int = 32
     """Toy base warm-up: sequences per step (split over all ranks)."""
-    base_warmup_lr: float = 2e-3
+    base_warmup_lr: float = 1e-3
     """Toy base warm-up: peak learning rate (cosine decay)."""
+    toy: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+    """The toy world's difficulty knobs (data.world: toy)."""
 
 
 @dataclass

@@ -36,7 +36,7 @@ def _tree(root: Path) -> dict[str, str]:
 def test_layout_and_schema(world):
     m = json.loads((world.root / "manifest.json").read_text())
     assert m["counts"] == {d: {"train": 60, "eval": 45} for d in ("text", "image", "video")}
-    assert world.root.name.startswith("toy-v1-11-")  # non-default sizes get a spec hash
+    assert world.root.name.startswith("toy-v2-11-")  # non-default sizes get a spec hash
     for d in world.domains:
         for s in ("train", "eval"):
             rows = list(world.iter_rows(d, s))
@@ -68,7 +68,7 @@ def test_layout_and_schema(world):
 
 
 def test_default_name_and_path_errors(tmp_path):
-    assert world_mod.ToySpec(seed=5).dir_name() == "toy-v1-5"
+    assert world_mod.ToySpec(seed=5).dir_name() == "toy-v2-5"
     w = world_mod.ToyWorld(tmp_path, world_mod.ToySpec())
     with pytest.raises(DataError, match="unknown domain/split 'audio'/'train'"):
         w.path("audio", "train")
@@ -305,6 +305,12 @@ def _blobs(img: np.ndarray) -> list[dict]:
 
 
 def _solve_image(prompt: str, blobs: list[dict]) -> str:
+    if prompt == "What colour is the shape?":
+        assert len(blobs) == 1
+        return blobs[0]["colour"]
+    if prompt == "Is the shape a square or a circle?":
+        assert len(blobs) == 1
+        return "square" if blobs[0]["square"] else "circle"
     if prompt == "How many shapes?":
         return str(len(blobs))
     if m := re.fullmatch(r"How many (\w+) shapes\?", prompt):
@@ -331,7 +337,7 @@ def test_image_answers(world):
             img = np.asarray(Image.open(world.path("image", s).parent / r["images"][0]))
             assert _solve_image(r["prompt"], _blobs(img)) == r["answer"], r
             tasks.add(r["meta"]["task"])
-    assert tasks == {"count", "count_colour", "count_kind", "majority", "biggest"}
+    assert tasks == {"colour", "kind", "count", "count_colour", "count_kind", "majority", "biggest"}
 
 
 def _solve_video(prompt: str, frames: list[list[dict]]) -> str:
@@ -347,7 +353,7 @@ def _solve_video(prompt: str, frames: list[list[dict]]) -> str:
     }
     assert len(moved) == 1
     colour, (dx, dy) = next(iter(moved.items()))
-    if prompt == "What colour is the moving square?":
+    if prompt in ("What colour is the moving square?", "What colour is the square?"):
         return colour
     m = re.fullmatch(r"Which way does the (\w+) square move\?", prompt)
     assert m and m.group(1) == colour
@@ -366,4 +372,4 @@ def test_video_answers(world):
             ]
             assert _solve_video(r["prompt"], frames) == r["answer"], r
             tasks.add(r["meta"]["task"])
-    assert tasks == {"direction", "flashes", "mover"}
+    assert tasks == {"colour", "direction", "flashes", "mover"}

@@ -93,7 +93,8 @@ def _run(config_path: str | None, overrides: list[str], log_path: Path) -> int:
     with open(log_path, "w") as log:
         env = {k: v for k, v in os.environ.items()
                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                              check=False).returncode
 
 
 def _model_accuracy(results: dict, model: str) -> dict[str, float] | None:
@@ -102,17 +103,33 @@ def _model_accuracy(results: dict, model: str) -> dict[str, float] | None:
     return results.get("branches", {}).get(model)
 
 
+def select(plan: list[Variant], wanted: list[str] | None) -> list[Variant]:
+    """The variants named in ``wanted`` (a name, or the part before ``:`` for a family such as
+    ``static_opd``), in plan order; all of them when ``wanted`` is empty."""
+    if not wanted:
+        return plan
+    names = {v.name for v in plan} | {v.name.split(":")[0] for v in plan}
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        from megatron_copd.config import ConfigError
+
+        raise ConfigError(f"--variants: unknown {', '.join(unknown)}; expected some of "
+                          f"{', '.join(sorted(names))}")
+    return [v for v in plan if v.name in wanted or v.name.split(":")[0] in wanted]
+
+
 def compare_command(config_path: str | None, overrides: list[str], seeds: int = 3,
-                    out: str | None = None) -> int:
+                    out: str | None = None, only: list[str] | None = None) -> int:
     cfg = load_config(config_path, overrides)
+    plan = select(variants(cfg), only)
     out_dir = Path(out or Path(cfg.run_dir) / "compare")
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan = variants(cfg)
     runs = [(v, seed) for v in plan for seed in range(seeds)]
     print(f"[compare] {len(plan)} variants x {seeds} seeds = {len(runs)} runs -> {out_dir}",
           flush=True)
     table: dict[str, list[dict]] = {}
     base: list[dict] = []
+    edges: dict[tuple[str, str], list[dict]] = {}
     t0 = time.perf_counter()
     for i, (v, seed) in enumerate(runs):
         run_dir = out_dir / v.name.replace(":", "_").replace("<-", "-from-") / f"seed{seed}"
@@ -138,15 +155,69 @@ def compare_command(config_path: str | None, overrides: list[str], seeds: int = 
             if v.name == "copd":
                 for b, a in results.get("branches", {}).items():
                     table.setdefault(f"copd-branch:{b} (no merge)", []).append(a)
+                for key, e in edge_trajectories(run_dir, results, cfg).items():
+                    edges.setdefault(key, []).append(e)
         elapsed = time.perf_counter() - t0
         eta = elapsed / (i + 1) * (len(runs) - i - 1)
         print(f"[compare] {i + 1}/{len(runs)} {v.name} seed {seed} done "
               f"({elapsed:.0f}s, eta {eta:.0f}s)", flush=True)
     summary = summarize({"base": base, **table})
-    (out_dir / "results.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
-    (out_dir / "results.md").write_text(render_markdown(summary))
-    print(render_markdown(summary), flush=True)
+    overlap = summarize_edges(edges)
+    text = render_markdown(summary) + render_edges(overlap)
+    (out_dir / "results.json").write_text(
+        json.dumps({**summary, "overlap_vs_gain": overlap}, indent=2, sort_keys=True))
+    (out_dir / "results.md").write_text(text)
+    print(text, flush=True)
     return 0
+
+
+def edge_trajectories(run_dir: Path, results: dict, cfg: RunConfig) -> dict:
+    """Per CoPD edge of one run: top-k overlap at its first and last phase-II step, and the
+    student's gain over the base on the teacher's domains (what the edge was meant to teach)."""
+    from megatron_copd.metrics import read_metrics, record_kind
+
+    domains = {b.name: b.domains for b in cfg.branches}
+    out: dict[tuple[str, str], dict] = {}
+    for r in read_metrics(run_dir / "metrics.jsonl"):
+        if record_kind(r) != "edge" or "overlap_top10" not in r:
+            continue
+        e = out.setdefault((r["student"], r["teacher"]), {"overlap": []})
+        e["overlap"].append((r["step"], r["overlap_top10"]))
+    for (student, teacher), e in out.items():
+        traj = [o for _, o in sorted(e.pop("overlap"))]
+        acc = results.get("branches", {}).get(student, {})
+        base = results.get("base", {})
+        taught = [d for d in domains.get(teacher, []) if d in acc and d in base]
+        e.update(first=traj[0], last=traj[-1],
+                 gain=100 * statistics.mean(acc[d] - base[d] for d in taught) if taught else None)
+    return out
+
+
+def summarize_edges(edges: dict[tuple[str, str], list[dict]]) -> list[dict]:
+    rows = []
+    for (student, teacher), per_seed in sorted(edges.items()):
+        gains = [e["gain"] for e in per_seed if e["gain"] is not None]
+        rows.append({
+            "student": student, "teacher": teacher, "n": len(per_seed),
+            "overlap_first": statistics.mean(e["first"] for e in per_seed),
+            "overlap_last": statistics.mean(e["last"] for e in per_seed),
+            "gain": statistics.mean(gains) if gains else None,
+        })
+    return rows
+
+
+def render_edges(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    lines = ["", "Overlap vs gain (CoPD runs): top-10 token overlap of each edge at its first and",
+             "last phase-II step, and the student's accuracy gain over the base on the teacher's",
+             "domains (points, mean over seeds).", "",
+             "| student <- teacher | overlap first | overlap last | gain |", "|---|---|---|---|"]
+    for r in rows:
+        gain = "" if r["gain"] is None else f"{r['gain']:+.1f}"
+        lines.append(f"| {r['student']} <- {r['teacher']} | {r['overlap_first']:.3f} | "
+                     f"{r['overlap_last']:.3f} | {gain} |")
+    return "\n".join(lines) + "\n"
 
 
 def summarize(columns: dict[str, list[dict]]) -> dict:

@@ -52,7 +52,7 @@ class Resources:
             cache = cache_dir(cfg)
             self.world = build_toy_world(
                 cache, seed=cfg.data.base_seed, train_size=cfg.data.train_size,
-                eval_size=cfg.data.eval_size,
+                eval_size=cfg.data.eval_size, **to_dict(cfg.data.toy),
             )
             self.tokenizer = build_toy_tokenizer(self.world, vocab_size=cfg.model.vocab_size)
             name = "tokenizer" if cfg.model.vocab_size == 512 else f"tokenizer-{cfg.model.vocab_size}"

@@ -2,8 +2,11 @@
 
 Shapes sit in distinct cells of a 4x4 grid of 8x8 cells, one cell per ViT patch at the default
 ``patch_size`` 8, with at least two background pixels between neighbours, so every shape is one
-connected blob an independent checker can find. Question types (``meta.task``):
+connected blob an independent checker can find. Question types (``meta.task``), from a single
+glance to counting over the whole grid:
 
+- ``colour``: one shape; "What colour is the shape?" -> a colour
+- ``kind``: one shape; "Is the shape a square or a circle?" -> square / circle
 - ``count``: "How many shapes?" -> 1..6
 - ``count_colour``: "How many red shapes?" -> 0..4
 - ``count_kind``: "How many circles?" -> 0..4
@@ -21,7 +24,7 @@ from megatron_copd.data.toy.draw import COLOURS, KINDS, Shape, render
 
 GRID = 4
 CELL = 8
-TASKS = ("count", "count_colour", "count_kind", "majority", "biggest")
+TASKS = ("colour", "kind", "count", "count_colour", "count_kind", "majority", "biggest")
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,13 @@ def _problem(prompt: str, answer: str | int, task: str, shapes: list[Shape]) -> 
 
 def generate(rng: np.random.Generator, tasks: tuple[str, ...] = TASKS) -> VisualProblem:
     task = str(rng.choice(tasks))
+    if task in ("colour", "kind"):
+        # Size >= 4: a 3-pixel circle is hard to tell from a square even for a checker.
+        kind, colour = str(rng.choice(KINDS)), str(rng.choice(COLOURS))
+        shape = _shape_in_cell(rng, _cells(rng, 1)[0], kind, colour, int(rng.integers(4, 7)))
+        if task == "colour":
+            return _problem("What colour is the shape?", colour, task, [shape])
+        return _problem("Is the shape a square or a circle?", kind, task, [shape])
     if task == "count":
         n = int(rng.integers(1, 7))
         shapes = _random_shapes(rng, [str(c) for c in rng.choice(COLOURS, size=n)])

@@ -2,6 +2,7 @@
 
 Question types (``meta.task``):
 
+- ``colour``: one square moves; "What colour is the square?" -> a colour (any frame tells)
 - ``direction``: a coloured square moves 3..6 px per frame; "Which way does the red square
   move?" -> left / right / up / down (static distractor shapes of other colours may be present)
 - ``flashes``: a white light is on in some frames; "In how many frames is the light on?" -> 0..4
@@ -18,7 +19,7 @@ from megatron_copd.data.toy.draw import CANVAS, COLOURS, KINDS, Shape, render
 from megatron_copd.data.toy.image_tasks import VisualProblem
 
 N_FRAMES = 4
-TASKS = ("direction", "flashes", "mover")
+TASKS = ("colour", "direction", "flashes", "mover")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 
@@ -93,6 +94,12 @@ def _problem(
 def generate(rng: np.random.Generator, tasks: tuple[str, ...] = TASKS) -> VisualProblem:
     task = str(rng.choice(tasks))
     while True:
+        if task == "colour":
+            colour = str(rng.choice(COLOURS))
+            direction = str(rng.choice(list(DIRECTIONS)))
+            return _problem(
+                "What colour is the square?", colour, task, [_moving(rng, colour, direction)]
+            )
         if task == "direction":
             colour = str(rng.choice(COLOURS))
             direction = str(rng.choice(list(DIRECTIONS)))

@@ -1,7 +1,7 @@
 """Build (once) and cache the toy world on disk: three domains, train and held-out eval splits.
 
-Layout of ``<cache_dir>/<name>/`` (``name`` = ``toy-v1-<seed>`` for the default sizes and knobs,
-``toy-v1-<seed>-<hash>`` otherwise)::
+Layout of ``<cache_dir>/<name>/`` (``name`` = ``toy-v2-<seed>`` for the default sizes and knobs,
+``toy-v2-<seed>-<hash>`` otherwise)::
 
     manifest.json                 the spec and the record counts (written last)
     text/{train,eval}.jsonl
@@ -36,7 +36,7 @@ from megatron_copd.data.toy import text_tasks
 from megatron_copd.data.toy import video_tasks as video_gen
 from megatron_copd.errors import DataError
 
-VERSION = "toy-v1"
+VERSION = "toy-v2"
 DOMAINS = ("text", "image", "video")
 SPLITS = ("train", "eval")
 _WRITERS = 8
