@@ -86,6 +86,6 @@ def test_compare_runs_variants_into_one_table(tmp_path):
         assert set(col) == {"text", "image", "overall"} and col["overall"]["n"] == 1
         assert 0.0 <= col["overall"]["mean"] <= 100.0
     table = (out / "results.md").read_text()
-    assert table.startswith("| domain | base | expert:text")
+    assert table.startswith("| domain | base | expert:")
     assert "| text <- image |" in table and "Overlap vs gain" in table
     assert (out / "experts" / "seed0" / "results.json").is_file()

@@ -143,7 +143,7 @@ def compare_command(config_path: str | None, overrides: list[str], seeds: int = 
                       flush=True)
                 return rc
         results = json.loads(done.read_text())
-        if "base" in results:
+        if "base" in results and len(base) <= seed:  # one base entry per seed
             base.append(results["base"])
         if v.model == "branches":
             for b, acc in results.get("branches", {}).items():
