@@ -1,19 +1,28 @@
 """Rollout throughput: megatron-copd's KV-cached sampler vs a no-cache recompute loop vs
-megatron-core's static inference engine (legacy), on one process, same model and batch.
+megatron-core's static inference engine (legacy) vs Hugging Face ``generate`` on the exported
+weights, on one process, same model and batch.
 
     PYTHONPATH=. python benchmarks/rollout.py [--batches 16 64] [--repeats 3] [--threads 1]
 
 Model: hidden 128, 4 layers, 4 heads / 2 KV heads, FFN 512, vocab 512, fp32 (the toy shape).
 Batch: 16-token prompts, 32 sampled tokens (temperature 1, no stop ids, so every method
-generates exactly batch x 32 tokens; all three return per-token log-probs). Prints generated
+generates exactly batch x 32 tokens; all four return per-token log-probs). Prints generated
 tokens per second, best of --repeats with the methods interleaved. On a shared machine use
 --threads 1: with two threads a busy CPU makes the figures swing several-fold.
+
+HF: the megatron model is saved (torch_dist) and exported with the project's converter
+(``convert_to_hf``) to a temporary directory, loaded with transformers (fp32, eval, CPU) and
+checked to give the same logits; then ``generate(do_sample=True, temperature=1, top_k=0,
+min_new_tokens=max_new_tokens=32, no EOS)`` with its default dynamic KV cache and
+``output_logits``, the log-probs of the sampled tokens taken from those logits (in the timing).
+--no-hf skips it.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -23,6 +32,8 @@ from megatron.core.inference.utils import InferenceMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_copd.checkpoint.meta import make_meta
+from megatron_copd.checkpoint.model_io import save_model
 from megatron_copd.config import RunConfig
 from megatron_copd.config_base import from_dict
 from megatron_copd.models.factory import build_model
@@ -59,7 +70,30 @@ def build():
     init_megatron_state(groups, 1234)
     model = build_model(cfg, groups.pgs)
     model.eval()
-    return model, groups.pgs
+    return model, groups.pgs, cfg
+
+
+def export_to_hf(model, pgs, cfg, workdir: Path):
+    """The benchmark's model through save_model + convert_to_hf, loaded with transformers."""
+    import transformers
+
+    from megatron_copd.models.conversion.hf_export import convert_to_hf
+
+    ckpt = save_model(model, pgs, workdir / "ckpt", make_meta(cfg.model, "bench", None))
+    result = convert_to_hf(ckpt, workdir / "hf", with_tokenizer=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(result.output), dtype=torch.float32
+    ).eval()
+    # the export must compute what the megatron model computes, or the comparison means nothing
+    tokens = torch.tensor(prompts_of(4))
+    s = tokens.shape[1]
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool), 1).view(1, 1, s, s)
+    with torch.no_grad():
+        ref = model(tokens, torch.arange(s).expand_as(tokens), mask)
+        got = hf(input_ids=tokens).logits
+    diff = (ref - got).abs().max().item()
+    assert diff < 1e-4, f"HF export logits differ from megatron's by {diff}"
+    return hf, result.architecture, diff
 
 
 def prompts_of(batch: int) -> list[list[int]]:
@@ -104,15 +138,13 @@ class _Tokenizer:
 
 def make_static_engine(model, pgs, batch):
     from megatron.core.inference.contexts import StaticInferenceContext
-    from megatron.core.inference.engines import StaticInferenceEngine
+    from megatron.core.inference.engines import StaticInferenceEngine, static_engine
     from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import (
         GPTInferenceWrapper,
     )
     from megatron.core.inference.text_generation_controllers.text_generation_controller import (
         TextGenerationController,
     )
-
-    from megatron.core.inference.engines import static_engine
 
     # its per-call progress bar would flood the output
     static_engine.tqdm = partial(static_engine.tqdm, disable=True)
@@ -125,7 +157,9 @@ def make_static_engine(model, pgs, batch):
 
 def run_static(engine, prompts):
     from megatron.core.inference.inference_request import InferenceRequest
-    from megatron.core.inference.sampling_params import SamplingParams as MSamplingParams
+    from megatron.core.inference.sampling_params import (
+        SamplingParams as MSamplingParams,
+    )
 
     sp = MSamplingParams(
         temperature=1.0,
@@ -143,6 +177,31 @@ def run_static(engine, prompts):
         out = engine.generate(inference_requests=requests)
     lens = {len(r.generated_tokens) for r in out}
     assert lens == {NEW_TOKENS}, lens
+
+
+@torch.no_grad()
+def run_hf(hf, prompts):
+    input_ids = torch.tensor(prompts)
+    out = hf.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    new = out.sequences[:, input_ids.shape[1] :]
+    assert new.shape == (len(prompts), NEW_TOKENS), new.shape
+    # temperature 1, no top-k/p: the sampling policy's log-probs are those of the raw logits
+    logits = torch.stack(out.logits, dim=1)
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+    assert logp.shape == new.shape and bool(torch.isfinite(logp).all())
 
 
 def best_rates(fns: dict, tokens: int, repeats: int) -> dict[str, tuple[float, float]]:
@@ -167,39 +226,52 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
     args = ap.parse_args()
-    if args.threads:
+    model, pgs, cfg = build()
+    if args.threads:  # after build: init_distributed sets the thread count for its ranks
         torch.set_num_threads(args.threads)
-    model, pgs = build()
+    hf = None
+    tmp = tempfile.TemporaryDirectory(prefix="rollout-bench-")
+    if not args.no_hf:
+        import transformers
+
+        hf, arch, diff = export_to_hf(model, pgs, cfg, Path(tmp.name))
+        print(
+            f"HF: exported to {arch}, transformers {transformers.__version__}; max |logit "
+            f"difference| vs megatron {diff:.1e}"
+        )
     print(
         f"torch threads: {torch.get_num_threads()}; prompt {PROMPT_LEN}, new {NEW_TOKENS}; "
         f"generated tokens/s, best of {args.repeats} (wall-clock | process CPU time)"
     )
     print(
-        f"{'batch':>5} {'':>6} {'ours KV':>9} {'no-cache':>9} {'static':>9} "
-        f"{'ours/no-cache':>14} {'ours/static':>12}"
+        f"{'batch':>5} {'':>6} {'ours KV':>9} {'no-cache':>9} {'static':>9} {'HF gen':>9} "
+        f"{'ours/no-cache':>14} {'ours/static':>12} {'ours/HF':>8}"
     )
     for batch in args.batches:
         prompts = prompts_of(batch)
         engine = make_static_engine(model, pgs, batch)
         try:
-            rates = best_rates(
-                {
-                    "ours": partial(run_ours, model, pgs, prompts),
-                    "no_cache": partial(run_no_cache, model, pgs, prompts),
-                    "static": partial(run_static, engine, prompts),
-                },
-                batch * NEW_TOKENS,
-                args.repeats,
-            )
+            fns = {
+                "ours": partial(run_ours, model, pgs, prompts),
+                "no_cache": partial(run_no_cache, model, pgs, prompts),
+                "static": partial(run_static, engine, prompts),
+            }
+            if hf is not None:
+                fns["hf"] = partial(run_hf, hf, prompts)
+            rates = best_rates(fns, batch * NEW_TOKENS, args.repeats)
         finally:
             InferenceMode.unset_active()  # the engine leaves it on (see MEGATRON_FACTS.md)
         for i, clock in enumerate(("wall", "cpu")):
             ours, no_cache, static = (rates[k][i] for k in ("ours", "no_cache", "static"))
+            hf_rate = rates["hf"][i] if hf is not None else float("nan")
             print(
                 f"{batch:>5} {clock:>6} {ours:>9.0f} {no_cache:>9.0f} {static:>9.0f} "
-                f"{ours / no_cache:>14.2f} {ours / static:>12.2f}"
+                f"{hf_rate:>9.0f} {ours / no_cache:>14.2f} {ours / static:>12.2f} "
+                f"{ours / hf_rate:>8.2f}"
             )
+    tmp.cleanup()
 
 
 if __name__ == "__main__":
