@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 from megatron_copd.checkpoint.ckpt_dirs import (
     TMP_SUFFIX,
     iter_name,
+    parse_iter_name,
     read_latest,
     scan_branch_dir,
     verify_files,
@@ -150,10 +151,19 @@ def wait_until(cond: Callable[[], bool], proc: subprocess.Popen, what: str,
 
 
 # ------------------------------------------------------------------------------- kill points
-def latest_is(run_dir: Path, iteration: int) -> Callable[[], bool]:
-    """Every branch's ``latest`` names ``iter_<iteration>`` (steps 0..iteration-1 are done)."""
-    want = iter_name(iteration)
-    return lambda: all(read_latest(run_dir / "checkpoints" / b) == want for b in BRANCHES)
+def latest_from(run_dir: Path, iteration: int) -> Callable[[], bool]:
+    """Every branch's ``latest`` names ``iter_<N>`` with ``iteration <= N < TOTAL_STEPS``: steps
+    0..N-1 are done, step N is running (a slow poll may see a later N than ``iteration``; the
+    table reports the step the run actually resumed from)."""
+    def cond() -> bool:
+        for b in BRANCHES:
+            text = read_latest(run_dir / "checkpoints" / b) or ""
+            n = parse_iter_name(text)
+            if n is None or not iteration <= n < TOTAL_STEPS:
+                return False
+        return True
+
+    return cond
 
 
 def saving(run_dir: Path, at_least: int) -> Callable[[], bool]:
@@ -192,17 +202,17 @@ class KillPoint:
 KILL_POINTS = {
     # step 5 (the 2nd phase-I step of cycle 1) is running when iter_5 is published
     "phase1": KillPoint("phase1", "SIGKILL mid phase I (cycle 1, step 5 running)",
-                        lambda d: latest_is(d, 5)),
+                        lambda d: latest_from(d, 5)),
     # step 3 (the 2nd phase-II step of cycle 0) is running when iter_3 is published
     "phase2": KillPoint("phase2", "SIGKILL mid phase II (cycle 0, step 3 running)",
-                        lambda d: latest_is(d, 3)),
+                        lambda d: latest_from(d, 3)),
     "save": KillPoint("save", "SIGKILL during a save (iter_N.tmp half written, N>=4)",
                       lambda d: saving(d, 4)),
     # async saves: the write of iter_3 may still be in flight (and is lost) at the kill
     "async": KillPoint("async", "SIGKILL mid phase II, async saves (step 3 running)",
-                       lambda d: latest_is(d, 3), checkpoint={"async_save": True}),
+                       lambda d: latest_from(d, 3), checkpoint={"async_save": True}),
     "sigterm": KillPoint("sigterm", "SIGTERM after step 2 (preemption)",
-                         lambda d: latest_is(d, 2), signal.SIGTERM),
+                         lambda d: latest_from(d, 2), signal.SIGTERM),
 }
 
 
@@ -318,6 +328,9 @@ def run_trial(point: KillPoint, base: dict, root: Path, cache_dir: Path, ref: Pa
     proc = start(config, log)
     try:
         wait_until(point.condition(run_dir), proc, point.what)
+    except RuntimeError as e:  # e.g. the run finished before a save was caught half-written
+        trial.problems.append(str(e))
+        return trial
     except BaseException:
         if proc.poll() is None:
             kill_tree(proc)
@@ -370,16 +383,23 @@ def _check_preemption_exit(trial: Trial, run_dir: Path) -> None:
         trial.problems.append(f"branches stopped at different iterations: {sorted(saved)}")
 
 
+def where(step: int) -> str:
+    """``(c<cycle> p<phase>)`` of a 0-based step of SCHEDULE."""
+    period = SCHEDULE["s_rl"] + SCHEDULE["s_opd"]
+    cycle, within = divmod(step, period)
+    return f"(c{cycle} p{1 if within < SCHEDULE['s_rl'] else 2})"
+
+
 def print_table(trials: list[Trial]) -> None:
-    head = f"{'kill point':<50} {'resumed from':>12} {'bit-identical':>13} {'signal->exit':>13}"
+    head = f"{'kill point':<50} {'resumed from':>18} {'bit-identical':>13} {'signal->exit':>13}"
     print(head)
     print("-" * len(head))
     for t in trials:
         point = KILL_POINTS[t.point].what
-        resumed = "-" if t.resumed_from is None else f"step {t.resumed_from}"
+        resumed = "-" if t.resumed_from is None else f"step {t.resumed_from} {where(t.resumed_from)}"
         same = "yes" if t.identical else "NO"
         secs = "-" if t.signal_to_exit_s is None else f"{t.signal_to_exit_s:.2f}s"
-        print(f"{point:<50} {resumed:>12} {same:>13} {secs:>13}")
+        print(f"{point:<50} {resumed:>18} {same:>13} {secs:>13}")
     for t in trials:
         print(f"\n{t.point}: exit code {t.exit_code}; checkpoints left: {t.killed_at}")
         for p in t.problems:
