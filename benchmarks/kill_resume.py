@@ -176,6 +176,24 @@ def saving(run_dir: Path, at_least: int) -> Callable[[], bool]:
     return cond
 
 
+def metrics_ahead(run_dir: Path, at_least: int) -> Callable[[], bool]:
+    """metrics.jsonl already holds step N's records while ``latest`` still names ``iter_<N>``
+    (step N done and logged, its checkpoint not yet published), N >= ``at_least``: the resumed
+    run must drop those records and log step N again."""
+    def cond() -> bool:
+        latest = [parse_iter_name(read_latest(run_dir / "checkpoints" / b) or "")
+                  for b in BRANCHES]
+        if None in latest or len(set(latest)) != 1 or latest[0] < at_least:
+            return False
+        try:
+            text = (run_dir / "metrics.jsonl").read_text()
+        except FileNotFoundError:
+            return False
+        return f'"step": {latest[0]},' in text
+
+    return cond
+
+
 def _tmp_dirs(run_dir: Path) -> list[tuple[Path, re.Match]]:
     out = []
     for b in BRANCHES:
@@ -208,6 +226,8 @@ KILL_POINTS = {
                         lambda d: latest_from(d, 3)),
     "save": KillPoint("save", "SIGKILL during a save (iter_N.tmp half written, N>=4)",
                       lambda d: saving(d, 4)),
+    "metrics": KillPoint("metrics", "SIGKILL after step N is logged, before iter_N+1",
+                         lambda d: metrics_ahead(d, 4)),
     # async saves: the write of iter_3 may still be in flight (and is lost) at the kill
     "async": KillPoint("async", "SIGKILL mid phase II, async saves (step 3 running)",
                        lambda d: latest_from(d, 3), checkpoint={"async_save": True}),
@@ -284,6 +304,8 @@ class Trial:
     """The checkpoint directories left by the killed run (``.tmp``: an unfinished write)."""
     exit_code: int | None = None
     signal_to_exit_s: float | None = None
+    signal_to_checkpoint_s: float | None = None
+    """SIGTERM: until every branch's ``latest`` names the preemption checkpoint."""
     saved_on_exit: int | None = None
     """SIGTERM: the iteration ``latest`` names after the exit (a complete checkpoint)."""
     resumed_from: int | None = None
@@ -305,6 +327,10 @@ def run_reference(base: dict, root: Path, cache_dir: Path) -> Path:
     if code != 0:
         raise RuntimeError(f"reference run failed ({code}):\n{out[-3000:]}")
     return run_dir
+
+
+def _latest_all(run_dir: Path) -> list[str | None]:
+    return [read_latest(run_dir / "checkpoints" / b) for b in BRANCHES]
 
 
 def _listing(run_dir: Path) -> str:
@@ -341,8 +367,15 @@ def run_trial(point: KillPoint, base: dict, root: Path, cache_dir: Path, ref: Pa
         trial.killed_at = _listing(run_dir)
         trial.exit_code = proc.returncode
     else:
+        before = _latest_all(run_dir)
         os.killpg(proc.pid, point.sig)  # the launcher; it forwards the signal to its workers
-        trial.exit_code = proc.wait(timeout=600)
+        while proc.poll() is None:
+            if trial.signal_to_checkpoint_s is None and _latest_all(run_dir) != before:
+                trial.signal_to_checkpoint_s = time.monotonic() - sent
+            if time.monotonic() - sent > 600:
+                kill_tree(proc)
+            time.sleep(0.002)
+        trial.exit_code = proc.returncode
         trial.signal_to_exit_s = time.monotonic() - sent
         trial.killed_at = _listing(run_dir)
         _check_preemption_exit(trial, run_dir)
@@ -391,15 +424,17 @@ def where(step: int) -> str:
 
 
 def print_table(trials: list[Trial]) -> None:
-    head = f"{'kill point':<50} {'resumed from':>18} {'bit-identical':>13} {'signal->exit':>13}"
+    head = (f"{'kill point':<54} {'resumed from':>18} {'bit-identical':>13} "
+            f"{'signal->ckpt':>12} {'signal->exit':>12}")
     print(head)
     print("-" * len(head))
     for t in trials:
         point = KILL_POINTS[t.point].what
         resumed = "-" if t.resumed_from is None else f"step {t.resumed_from} {where(t.resumed_from)}"
         same = "yes" if t.identical else "NO"
+        ckpt = "-" if t.signal_to_checkpoint_s is None else f"{t.signal_to_checkpoint_s:.2f}s"
         secs = "-" if t.signal_to_exit_s is None else f"{t.signal_to_exit_s:.2f}s"
-        print(f"{point:<50} {resumed:>18} {same:>13} {secs:>13}")
+        print(f"{point:<54} {resumed:>18} {same:>13} {ckpt:>12} {secs:>12}")
     for t in trials:
         print(f"\n{t.point}: exit code {t.exit_code}; checkpoints left: {t.killed_at}")
         for p in t.problems:

@@ -4,7 +4,7 @@ with checkpoints bit-identical to an uninterrupted run's and the same metrics.js
 The machinery is ``benchmarks/kill_resume.py`` (which also runs more kill points and times the
 SIGTERM path). CI runs one kill point, mid phase I, at the top of cycle 1 (after a phase II, so
 Adam moments, sampler positions and the schedule are all mid-flight); set
-``COPD_KILL_POINTS=phase1,phase2,save,sigterm`` to run the others too.
+``COPD_KILL_POINTS=phase1,phase2,save,metrics,async,sigterm`` to run the others too.
 """
 
 from __future__ import annotations
