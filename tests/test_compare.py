@@ -89,3 +89,20 @@ def test_compare_runs_variants_into_one_table(tmp_path):
     assert table.startswith("| domain | base | expert:")
     assert "| text <- image |" in table and "Overlap vs gain" in table
     assert (out / "experts" / "seed0" / "results.json").is_file()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples" / "toy").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_toy_recipe_configs_load_and_schedule(path):
+    from megatron_copd.training.schedule import Schedule
+
+    cfg = load_config(path)
+    schedule = Schedule(cfg)
+    assert cfg.run_dir.startswith("runs/toy_")
+    expected = {"grpo_text.yaml": 1, "grpo_image.yaml": 1, "mixed_rlvr.yaml": 1,
+                "copd_3branch_hub.yaml": 3, "mopd_3branch.yaml": 4}.get(path.name, 2)
+    assert len(cfg.branches) == expected
+    edges = {"copd_2branch.yaml": 2, "copd_3branch_hub.yaml": 4, "mopd_3branch.yaml": 3,
+             "ablation_no_text_from_image.yaml": 1, "static_opd_text_from_image.yaml": 1,
+             "static_opd_image_from_text.yaml": 1}.get(path.name, 0)
+    assert len(schedule.edges) == edges, path.name
