@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_copd.errors import UserError  # noqa: E402
+from megatron_copd.tool_main import run_tool
 
 PROG = "convert_to_hf"
 DTYPES = ("fp32", "bf16", "fp16")
@@ -44,41 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt  # unwinds through the exporter, which removes its temporary output
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        import torch
 
+    def work():
         from megatron_copd.models.conversion.hf_export import convert_to_hf
+        from megatron_copd.models.precision import TORCH_DTYPES
 
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            args.dtype
-        )
-        result = convert_to_hf(
+        return convert_to_hf(
             args.checkpoint, args.output, tokenizer=args.tokenizer,
-            with_tokenizer=not args.no_tokenizer, dtype=dtype,
+            with_tokenizer=not args.no_tokenizer, dtype=TORCH_DTYPES.get(args.dtype),
             text_only=args.text_only, prefix=args.prefix,
             max_shard_bytes=int(args.max_shard_gb * (1 << 30)), workers=args.workers,
             overwrite=args.overwrite,
         )
-    except UserError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no output written", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    print(
+
+    return run_tool(PROG, work, lambda result: (
         f"exported {result.architecture} to {result.output}: {result.tensors} tensors in "
         f"{result.shards} shard(s), {result.bytes_written / 1e9:.3f} GB in {result.seconds:.1f} s"
-    )
-    return 0
+    ))
 
 
 if __name__ == "__main__":

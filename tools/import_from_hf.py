@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_copd.errors import UserError  # noqa: E402
+from megatron_copd.tool_main import run_tool
 
 PROG = "import_from_hf"
 DTYPES = ("fp32", "bf16", "fp16")
@@ -41,43 +40,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt  # unwinds through the writer, which removes its temporary output
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        import torch
 
-        from megatron_copd.models.conversion.hf_import import import_from_hf, read_hf_config
-        from megatron_copd.models.conversion.layout import check_layout
-
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            args.dtype
-        )
+    def work():
         from pathlib import Path
+
+        from megatron_copd.models.conversion.hf_import import (
+            import_from_hf,
+            read_hf_config,
+        )
+        from megatron_copd.models.conversion.layout import check_layout
+        from megatron_copd.models.precision import TORCH_DTYPES
 
         _, info = read_hf_config(Path(args.hf), args.text_only)
         check_layout(info.model, args.tp, args.pp)
-        result = import_from_hf(args.hf, args.output, dtype=dtype, overwrite=args.overwrite,
-                                workers=args.workers, text_only=args.text_only)
-    except UserError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no output written", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    print(
+        return import_from_hf(args.hf, args.output, dtype=TORCH_DTYPES.get(args.dtype),
+                              overwrite=args.overwrite, workers=args.workers,
+                              text_only=args.text_only)
+
+    return run_tool(PROG, work, lambda result: (
         f"imported {result.architecture} into {result.output}: {result.tensors} tensors, "
         f"{result.bytes_written / 1e9:.3f} GB in {result.seconds:.1f} s; config snippet "
         f"{result.output / 'copd_model.yaml'}"
         + (f"; tokenizer {result.tokenizer}" if result.tokenizer else "; no tokenizer found")
-    )
-    return 0
+    ))
 
 
 if __name__ == "__main__":

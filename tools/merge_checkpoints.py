@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_copd.checkpoint.merge import DEFAULT_CHUNK_MB, DTYPES, merge_checkpoints  # noqa: E402
-from megatron_copd.errors import UserError  # noqa: E402
+from megatron_copd.checkpoint.merge import DEFAULT_CHUNK_MB, DTYPES, merge_checkpoints
+from megatron_copd.tool_main import run_tool
 
 PROG = "merge_checkpoints"
 
@@ -61,15 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt  # unwinds through the writer, which removes its temporary output
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        stats = merge_checkpoints(
+
+    def work():
+        return merge_checkpoints(
             args.inputs,
             args.output,
             weights=args.weights,
@@ -82,20 +77,12 @@ def main(argv: list[str] | None = None) -> int:
             chunk_mb=args.chunk_mb,
             progress=not args.no_progress,
         )
-    except UserError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no output written", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    print(
+
+    return run_tool(PROG, work, lambda stats: (
         f"merged {len(args.inputs)} checkpoints into {stats.output}: {stats.tensors} tensors, "
         f"{stats.bytes_written / 1e9:.2f} GB written, {stats.bytes_read / 1e9:.2f} GB read in "
         f"{stats.seconds:.2f} s (coefficients {[round(c, 6) for c in stats.coefficients]})"
-    )
-    return 0
+    ))
 
 
 if __name__ == "__main__":

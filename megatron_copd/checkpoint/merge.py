@@ -46,8 +46,8 @@ from megatron_copd.checkpoint.torch_dist_io import (
     TorchDistWriter,
 )
 from megatron_copd.errors import UserError
+from megatron_copd.models.precision import TORCH_DTYPES as DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_CHUNK_MB = 16
 
 

@@ -22,12 +22,10 @@ from megatron_copd.models import specs
 from megatron_copd.models.language_model import LanguageModel
 from megatron_copd.models.vlm import CopdModel
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def resolve_dtype(precision: PrecisionConfig) -> torch.dtype:
     name = precision.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
-    return _DTYPES[name]
+    return prec.TORCH_DTYPES[name]
 
 
 def _common_kwargs(

@@ -25,6 +25,9 @@ import torch
 
 from megatron_copd.config_base import ConfigError
 
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Precision names used in configs and tool flags -> torch dtypes."""
+
 # Recipe -> (TE version that has it in megatron 0.19, default FP8 format). Formats follow the
 # NVIDIA recipes (Megatron-Bridge mixed_precision): HYBRID = E4M3 forward, E5M2 gradients.
 FP8_RECIPES: dict[str, tuple[str, str]] = {
