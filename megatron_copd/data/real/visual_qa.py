@@ -90,6 +90,51 @@ def _row_id(row: dict, where: str, prefix: str, index: int) -> str:
     return f"{prefix}-{rid if rid is not None else index}"
 
 
+def _convert(src, output, media_dir, domain, reward, id_prefix, limit, media) -> int:
+    """The loop both converters share; ``media(row, where, prompt, store, base)`` returns the
+    record's media fields (``images`` or ``video``) after checking them against the prompt."""
+    src, output = Path(src), Path(output)
+    store = MediaStore(media_dir or output.parent / f"{output.stem}_media")
+    base = src.resolve().parent
+    with RecordSink(output) as sink:
+        for i, (where, row) in enumerate(read_rows(src)):
+            if limit is not None and i >= limit:
+                break
+            prompt, answer, rew = qa_fields(row, where, reward)
+            fields = media(row, where, prompt, store, base)
+            sink.add({"id": _row_id(row, where, id_prefix or src.stem, i), "domain": domain,
+                      "prompt": prompt, "answer": answer, **fields, "reward": rew,
+                      "meta": {"source": src.name}}, where)
+        return sink.close()
+
+
+def _image_fields(row: dict, where: str, prompt: str, store: MediaStore, base: Path) -> dict:
+    raw = _as_list(row["images"]) if row.get("images") is not None else _as_list(
+        pick(row, ("image", "image_path"), where, "image"))
+    images = [store.put_image(v, f"{where}: images[{j}]", base) for j, v in enumerate(raw)]
+    if not images:
+        raise DataError(f"{where}: no image")
+    tags = prompt.count(IMAGE_TAG)
+    if tags and tags != len(images):
+        raise DataError(f"{where}: question has {tags} {IMAGE_TAG} tag(s) but the row has "
+                        f"{len(images)} image(s)")
+    return {"images": images}
+
+
+def _video_fields(row: dict, where: str, prompt: str, store: MediaStore, base: Path) -> dict:
+    if row.get("frames") is not None:
+        frames = _as_list(row["frames"])
+        if not frames:
+            raise DataError(f"{where}: field 'frames': empty")
+        video: Any = [store.put_image(v, f"{where}: frames[{j}]", base)
+                      for j, v in enumerate(frames)]
+    else:
+        video = _video_file(store, pick(row, ("video", "video_path"), where, "video"), where, base)
+    if prompt.count(IMAGE_TAG):
+        raise DataError(f"{where}: question has {IMAGE_TAG} tags but the row is a video")
+    return {"video": video}
+
+
 def convert_image_qa(
     src: str | os.PathLike,
     output: str | os.PathLike,
@@ -101,28 +146,7 @@ def convert_image_qa(
     limit: int | None = None,
 ) -> int:
     """Image QA rows -> prompt-record JSONL (embedded images extracted); returns the count."""
-    src, output = Path(src), Path(output)
-    store = MediaStore(media_dir or output.parent / f"{output.stem}_media")
-    base = src.resolve().parent
-    with RecordSink(output) as sink:
-        for i, (where, row) in enumerate(read_rows(src)):
-            if limit is not None and i >= limit:
-                break
-            prompt, answer, rew = qa_fields(row, where, reward)
-            raw = _as_list(row["images"]) if row.get("images") is not None else _as_list(
-                pick(row, ("image", "image_path"), where, "image"))
-            images = [store.put_image(v, f"{where}: images[{j}]", base)
-                      for j, v in enumerate(raw)]
-            if not images:
-                raise DataError(f"{where}: no image")
-            tags = prompt.count(IMAGE_TAG)
-            if tags and tags != len(images):
-                raise DataError(f"{where}: question has {tags} {IMAGE_TAG} tag(s) but the row has "
-                                f"{len(images)} image(s)")
-            sink.add({"id": _row_id(row, where, id_prefix or src.stem, i), "domain": domain,
-                      "prompt": prompt, "answer": answer, "images": images, "reward": rew,
-                      "meta": {"source": src.name}}, where)
-        return sink.close()
+    return _convert(src, output, media_dir, domain, reward, id_prefix, limit, _image_fields)
 
 
 def convert_video_qa(
@@ -136,29 +160,7 @@ def convert_video_qa(
     limit: int | None = None,
 ) -> int:
     """Video QA rows -> prompt-record JSONL (embedded videos / frames extracted)."""
-    src, output = Path(src), Path(output)
-    store = MediaStore(media_dir or output.parent / f"{output.stem}_media")
-    base = src.resolve().parent
-    with RecordSink(output) as sink:
-        for i, (where, row) in enumerate(read_rows(src)):
-            if limit is not None and i >= limit:
-                break
-            prompt, answer, rew = qa_fields(row, where, reward)
-            if row.get("frames") is not None:
-                frames = _as_list(row["frames"])
-                if not frames:
-                    raise DataError(f"{where}: field 'frames': empty")
-                video: Any = [store.put_image(v, f"{where}: frames[{j}]", base)
-                              for j, v in enumerate(frames)]
-            else:
-                video = _video_file(store, pick(row, ("video", "video_path"), where, "video"),
-                                    where, base)
-            if prompt.count(IMAGE_TAG):
-                raise DataError(f"{where}: question has {IMAGE_TAG} tags but the row is a video")
-            sink.add({"id": _row_id(row, where, id_prefix or src.stem, i), "domain": domain,
-                      "prompt": prompt, "answer": answer, "video": video, "reward": rew,
-                      "meta": {"source": src.name}}, where)
-        return sink.close()
+    return _convert(src, output, media_dir, domain, reward, id_prefix, limit, _video_fields)
 
 
 def _video_file(store: MediaStore, value: Any, where: str, base: Path) -> str:
