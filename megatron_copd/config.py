@@ -289,6 +289,11 @@ class ToyWorldConfig:
     """Image question types (colour, kind, count, count_colour, count_kind, majority, biggest)."""
     video_tasks: list[str] = field(default_factory=lambda: ["colour"])
     """Video question types (colour, direction, flashes, mover)."""
+    phrasings: int = 1
+    """Train/eval questions come in this many forms (1..6: "{q}", "Question: {q}", ...)."""
+    warmup_size: int = 0
+    """Items per domain of a separate split the base warms up on, in the canonical form only;
+    0 = the base warms up on the train split (and RL then samples prompts it has memorised)."""
 
 
 @dataclass

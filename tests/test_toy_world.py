@@ -157,6 +157,10 @@ def test_bad_specs(tmp_path):
         build_toy_world(tmp_path, seed=1, image_tasks=["count", "spin"])
     with pytest.raises(DataError, match="video_tasks must be a non-empty subset"):
         build_toy_world(tmp_path, seed=1, video_tasks=[])
+    with pytest.raises(DataError, match=r"phrasings must be in \[1, 6\], got 7"):
+        build_toy_world(tmp_path, seed=1, phrasings=7)
+    with pytest.raises(DataError, match="warmup_size must be >= 0"):
+        build_toy_world(tmp_path, seed=1, warmup_size=-1)
     with pytest.raises(DataError, match="unexpected keyword argument 'colours'"):
         build_toy_world(tmp_path, seed=1, colours=3)
     with pytest.raises(DataError, match="could only draw .* distinct text/eval items"):
@@ -373,3 +377,39 @@ def test_video_answers(world):
             assert _solve_video(r["prompt"], frames) == r["answer"], r
             tasks.add(r["meta"]["task"])
     assert tasks == {"colour", "direction", "flashes", "mover"}
+
+
+def test_phrasings_and_warmup_split(tmp_path, world):
+    """phrasings > 1 puts train/eval questions in several forms; warmup_size adds a split the
+    base learns from, canonical only and disjoint from eval; defaults leave the world as it was."""
+    w = build_toy_world(tmp_path, seed=11, phrasings=3, warmup_size=30, **SMALL)
+    assert w.splits == ("train", "eval", "warmup") and w.base_split == "warmup"
+    assert world.splits == ("train", "eval") and world.base_split == "train"
+    with pytest.raises(DataError, match=r"split .*'warmup'.*expected .*\['train', 'eval'\]"):
+        world.path("text", "warmup")
+    for d in w.domains:
+        canonical = {r["prompt"] for r in world.iter_rows(d, "train")}
+        forms = {0: set(), 1: set(), 2: set()}
+        for s in ("train", "eval"):
+            for r in w.iter_rows(d, s):
+                form = r["meta"]["phrasing"]
+                q = r["prompt"]
+                if form == 1:
+                    assert q.startswith("Question: "), q
+                    q = q[len("Question: "):]
+                elif form == 2:
+                    assert q.endswith(" Answer briefly."), q
+                    q = q[: -len(" Answer briefly.")]
+                forms[form].add(q)
+        assert all(forms.values()), (d, forms)  # every form drawn
+        warm = list(w.iter_rows(d, "warmup"))
+        assert len(warm) == 30 and all("phrasing" not in r["meta"] for r in warm)
+        ev = {_key(w, d, r) for r in w.iter_rows(d, "eval")}
+        assert not ev & {_key(w, d, r) for r in warm}
+        if d == "text":  # the same questions underneath, and the answers still check out
+            for r in w.iter_rows(d, "warmup"):
+                assert int(r["answer"]) == _solve_text(r["prompt"])
+            assert {q for f in forms.values() for q in f} & canonical
+    # the knobs at their defaults name and build the very same world
+    same = build_toy_world(tmp_path / "again", seed=11, phrasings=1, warmup_size=0, **SMALL)
+    assert same.root.name == world.root.name and _tree(same.root) == _tree(world.root)

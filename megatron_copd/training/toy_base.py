@@ -1,5 +1,6 @@
 """The toy world's base model: a short supervised warm-up of a random model on a mixture of the
-toy domains, so that it solves part of every domain and RL has signal.
+toy domains (their warm-up split if the world has one, else the train split), so that it solves
+part of every domain and RL has signal.
 
 Built once per (model shape, toy world, tokenizer, warm-up settings) and cached as a torch_dist
 checkpoint; concurrent runs wait for the one that builds it. Every rank of the world takes part as
@@ -74,8 +75,10 @@ def ensure_toy_base(cfg: RunConfig, world, tokenizer, tokenizer_dir: str, cache_
 
     steps = cfg.data.base_warmup_steps
     model = BranchModel(build_cfg, groups, tokenizer.image_token_id, total_steps=steps)
-    samplers = {d: PromptSampler(load_many([world.path(d, "train")]), cfg.data.base_seed + i)
-                for i, d in enumerate(DOMAINS)}
+    samplers = {
+        d: PromptSampler(load_many([world.path(d, world.base_split)]), cfg.data.base_seed + i)
+        for i, d in enumerate(DOMAINS)
+    }
     mixed = MixedSampler(samplers, mode="round_robin")
     loss = sft_loss(groups.pgs.tp)
     per_rank = max(1, cfg.data.base_warmup_batch // world_size)

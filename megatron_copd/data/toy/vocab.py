@@ -52,11 +52,14 @@ def train_sentencepiece(texts: list[str], vocab_size: int = DEFAULT_VOCAB_SIZE) 
 
 
 def corpus(world: ToyWorld) -> list[str]:
-    """Prompts and answers of every domain's train split (eval text never shapes the vocab)."""
+    """Prompts and answers of every domain's train (and warm-up) split; eval text never shapes
+    the vocab."""
     return [
         row[k]
         for d in world.domains
-        for row in world.iter_rows(d, "train")
+        for split in world.splits
+        if split != "eval"
+        for row in world.iter_rows(d, split)
         for k in ("prompt", "answer")
     ]
 

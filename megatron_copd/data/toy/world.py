@@ -4,13 +4,21 @@ Layout of ``<cache_dir>/<name>/`` (``name`` = ``toy-v2-<seed>`` for the default 
 ``toy-v2-<seed>-<hash>`` otherwise)::
 
     manifest.json                 the spec and the record counts (written last)
-    text/{train,eval}.jsonl
+    text/{train,eval}.jsonl       (+ warmup.jsonl when ``warmup_size`` > 0, in every domain)
     image/{train,eval}.jsonl      image/media/<split>/<index>.png
     video/{train,eval}.jsonl      video/media/<split>/<index>_<frame>.png
 
 Records follow the prompt-record schema (id, domain, prompt, answer, images, video, reward, meta);
 media paths are relative to the JSONL file's directory. Everything is a pure function of the spec:
-the same seed gives byte-identical files. Eval items are unique and never appear in train.
+the same seed gives byte-identical files. Eval items are unique and never appear in train (nor
+in the warm-up split).
+
+Where RL's signal comes from: the toy base is a short supervised warm-up (training/toy_base.py).
+By default it warms up on the train split itself, so RL later samples prompts the base has
+memorised. With ``warmup_size`` > 0 the base learns from a separate warm-up split instead, asked
+only in the canonical phrasing, while the train and eval questions come in ``phrasings`` forms
+(:data:`PHRASINGS`): RL prompts are new to the base, as a real RL prompt set is new to the
+pretrained model, and the base answers them only in part.
 
 Concurrency: built through :func:`megatron_copd.data.cache.build_once` (temporary directory,
 lock file, rename), so concurrent callers from several ranks get one complete world.
@@ -39,6 +47,18 @@ from megatron_copd.errors import DataError
 VERSION = "toy-v2"
 DOMAINS = ("text", "image", "video")
 SPLITS = ("train", "eval")
+WARMUP = "warmup"
+"""The base's warm-up split (only in worlds with ``warmup_size`` > 0)."""
+_SPLIT_STREAMS = {"train": 0, "eval": 1, WARMUP: 2}
+PHRASINGS = (
+    "{q}",
+    "Question: {q}",
+    "{q} Answer briefly.",
+    "Please answer. {q}",
+    "Q: {q} A:",
+    "Think, then answer. {q}",
+)
+"""Ways a question is put (``{q}`` is the canonical question); the first is the canonical one."""
 _WRITERS = 8
 
 
@@ -60,6 +80,10 @@ class ToySpec:
     """Question types drawn for the image domain (uniformly); a subset makes it easier."""
     video_tasks: tuple[str, ...] = video_gen.TASKS
     """Question types drawn for the video domain."""
+    phrasings: int = 1
+    """Train/eval questions are put in one of the first ``phrasings`` forms of PHRASINGS."""
+    warmup_size: int = 0
+    """Items per domain of a separate warm-up split for the base (canonical phrasing); 0 = none."""
 
     def dir_name(self) -> str:
         knobs = dataclasses.asdict(self)
@@ -90,6 +114,12 @@ class ToySpec:
             raise DataError(
                 f"toy world: text_max_operand must be in [2, 99], got {self.text_max_operand}"
             )
+        if not 1 <= self.phrasings <= len(PHRASINGS):
+            raise DataError(
+                f"toy world: phrasings must be in [1, {len(PHRASINGS)}], got {self.phrasings}"
+            )
+        if self.warmup_size < 0:
+            raise DataError(f"toy world: warmup_size must be >= 0, got {self.warmup_size}")
         for field, known in (("image_tasks", image_gen.TASKS), ("video_tasks", video_gen.TASKS)):
             chosen = getattr(self, field)
             if not chosen or set(chosen) - set(known):
@@ -108,18 +138,27 @@ class ToyWorld:
 
     domains: tuple[str, ...] = DOMAINS
 
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return SPLITS + ((WARMUP,) if self.spec.warmup_size else ())
+
+    @property
+    def base_split(self) -> str:
+        """The split the toy base warms up on."""
+        return WARMUP if self.spec.warmup_size else "train"
+
     def path(self, domain: str, split: str) -> Path:
-        """The JSONL file of one domain and split (``split`` is "train" or "eval")."""
-        if domain not in DOMAINS or split not in SPLITS:
+        """The JSONL file of one domain and split ("train", "eval", or "warmup" if built)."""
+        if domain not in DOMAINS or split not in self.splits:
             raise DataError(
                 f"toy world: unknown domain/split {domain!r}/{split!r}; expected a "
-                f"domain in {list(DOMAINS)} and a split in {list(SPLITS)}"
+                f"domain in {list(DOMAINS)} and a split in {list(self.splits)}"
             )
         return self.root / domain / f"{split}.jsonl"
 
     @property
     def files(self) -> dict[str, dict[str, Path]]:
-        return {d: {s: self.path(d, s) for s in SPLITS} for d in DOMAINS}
+        return {d: {s: self.path(d, s) for s in self.splits} for d in DOMAINS}
 
     def iter_rows(self, domain: str, split: str) -> Iterator[dict]:
         """The raw JSON rows of one file (the records loader validates; this is for tools)."""
@@ -155,7 +194,9 @@ def build_toy_world(
 def _open(root: Path, spec: ToySpec) -> ToyWorld:
     manifest = json.loads((root / "manifest.json").read_text())
     expected = json.loads(json.dumps(dataclasses.asdict(spec)))  # tuples as JSON lists
-    if manifest.get("version") != VERSION or manifest.get("spec") != expected:
+    # Worlds cached before a knob existed were built with its default: the same files.
+    stored = {**json.loads(json.dumps(dataclasses.asdict(ToySpec()))), **manifest.get("spec", {})}
+    if manifest.get("version") != VERSION or stored != expected:
         raise DataError(
             f"{root / 'manifest.json'}: spec does not match the requested toy world "
             f"{dataclasses.asdict(spec)}; delete {root} to rebuild it"
@@ -168,7 +209,23 @@ def _open(root: Path, spec: ToySpec) -> ToyWorld:
 
 
 def _rng(spec: ToySpec, domain: str, split: str) -> np.random.Generator:
-    return np.random.default_rng([spec.seed, DOMAINS.index(domain), SPLITS.index(split)])
+    return np.random.default_rng([spec.seed, DOMAINS.index(domain), _SPLIT_STREAMS[split]])
+
+
+def _phrased(make: Callable[[np.random.Generator], dict], phrasings: int):
+    """``make`` with its question put in one of the first ``phrasings`` forms (drawn after the
+    problem, so ``phrasings`` = 1 draws nothing extra and leaves the world unchanged)."""
+    if phrasings == 1:
+        return make
+
+    def phrase(rng: np.random.Generator) -> dict:
+        item = make(rng)
+        form = int(rng.integers(phrasings))
+        item["prompt"] = PHRASINGS[form].format(q=item["prompt"])
+        item["meta"] = {**item["meta"], "phrasing": form}
+        return item
+
+    return phrase
 
 
 def _text_item(spec: ToySpec) -> Callable[[np.random.Generator], dict]:
@@ -254,7 +311,7 @@ def _generate(tmp: Path, spec: ToySpec) -> None:
     for domain in DOMAINS:
         # Eval first and unique, so train can exclude it; train may repeat an easy problem.
         evals = _draw_split(
-            makers[domain],
+            _phrased(makers[domain], spec.phrasings),
             _rng(spec, domain, "eval"),
             spec.eval_size,
             set(),
@@ -263,21 +320,35 @@ def _generate(tmp: Path, spec: ToySpec) -> None:
         )
         eval_keys = {_key(i) for i in evals}
         trains = _draw_split(
-            makers[domain],
+            _phrased(makers[domain], spec.phrasings),
             _rng(spec, domain, "train"),
             spec.train_size,
             eval_keys,
             False,
             f"{domain}/train",
         )
-        for split, items in (("eval", evals), ("train", trains)):
+        splits = [("eval", evals), ("train", trains)]
+        if spec.warmup_size:  # canonical phrasing: what the base is taught
+            warmups = _draw_split(
+                makers[domain],
+                _rng(spec, domain, WARMUP),
+                spec.warmup_size,
+                eval_keys,
+                False,
+                f"{domain}/{WARMUP}",
+            )
+            splits.append((WARMUP, warmups))
+        for split, items in splits:
             _write_split(tmp / domain, domain, split, items)
             counts.setdefault(domain, {})[split] = len(items)
     manifest = {
         "version": VERSION,
         "spec": dataclasses.asdict(spec),
         "counts": counts,
-        "files": {d: {s: f"{d}/{s}.jsonl" for s in SPLITS} for d in DOMAINS},
+        "files": {
+            d: {s: f"{d}/{s}.jsonl" for s in SPLITS + ((WARMUP,) if spec.warmup_size else ())}
+            for d in DOMAINS
+        },
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
