@@ -84,6 +84,14 @@ def test_train_writes_the_run_directory_and_resumes(tmp_path, cache_dir):
     for model in ("base", "merged"):
         assert set(results[model]) == {"text", "image"}
     assert set(results["branches"]) == {"text", "image"}
+    # per-slice accuracy: each question type of a domain; the domain's accuracy is their mix
+    assert set(results["slices"]) == {"base", "text", "image", "merged"}
+    for model, by_domain in results["slices"].items():
+        acc = results[model] if model in ("base", "merged") else results["branches"][model]
+        assert set(by_domain["image"]) <= {"task=colour", "task=kind"} and by_domain["image"]
+        assert set(by_domain["text"]) <= {"task=expr", "task=word"} and by_domain["text"]
+        for d, slices in by_domain.items():
+            assert min(slices.values()) - 1e-9 <= acc[d] <= max(slices.values()) + 1e-9
     assert "merged" in proc.stdout and "overall" in proc.stdout  # the table
 
     # Run again: everything is done; it resumes from latest and trains no step twice.

@@ -1,7 +1,9 @@
 """Held-out accuracy: greedy decoding with the branch's model-parallel forward, verified answers.
 
 Each DP rank of a branch takes its share of a domain's items; the counts are summed over the DP
-group, so every rank returns the same accuracy.
+group, so every rank returns the same accuracy. Besides the domain's accuracy, the accuracy of
+every slice named by a record's ``meta`` fields in SLICE_FIELDS (``task=colour``,
+``phrasing=2``, ...): where a gain comes from.
 """
 
 from __future__ import annotations
@@ -14,12 +16,22 @@ from megatron_copd.rollout.generation import generate
 from megatron_copd.rollout.sampling import SamplingParams
 
 
+SLICE_FIELDS = ("task", "phrasing")
+
+
+def _slices(record) -> list[str]:
+    return [f"{k}={record.meta[k]}" for k in SLICE_FIELDS if k in record.meta]
+
+
 def evaluate_domain(cfg, groups, model, tokenizer, rewards, records, encode_cache=None) -> dict:
-    """Accuracy (mean verifier reward) of greedy answers on ``records``."""
+    """Accuracy (mean verifier reward) of greedy answers on ``records``: ``{"accuracy", "items",
+    "slices": {"task=colour": accuracy, ...}}``."""
     dp_rank, dp_size = groups.dp_rank, groups.pgs.dp.size()
     mine = records[dp_rank::dp_size]
     cache = {} if encode_cache is None else encode_cache
-    correct = torch.zeros(2, dtype=torch.float64)  # [sum of rewards, count]
+    names = sorted({n for r in records for n in _slices(r)})  # the same on every rank
+    row = {n: i + 1 for i, n in enumerate(names)}
+    correct = torch.zeros(len(names) + 1, 2, dtype=torch.float64)  # [sum of rewards, count]
     stop = (tokenizer.eos_id,)
     batch = max(1, cfg.eval.batch_size)
     for start in range(0, len(mine), batch):
@@ -49,7 +61,15 @@ def evaluate_domain(cfg, groups, model, tokenizer, rewards, records, encode_cach
                 text = tokenizer.decode([t for t in resp if t not in stop])
                 items.append((rec.reward or cfg.grpo.default_verifier, text, rec.answer))
             result = rewards.score(items)
-            correct += torch.tensor([sum(result.rewards), len(items)], dtype=torch.float64)
+            for rec, reward in zip(chunk, result.rewards):
+                for i in [0] + [row[n] for n in _slices(rec)]:
+                    correct[i, 0] += reward
+                    correct[i, 1] += 1
     # Only mp-rank 0 counted; sum over the branch (mp x dp) gives the DP total exactly once.
     dist.all_reduce(correct, group=groups.branch_group)
-    return {"accuracy": float(correct[0] / correct[1].clamp(min=1)), "items": int(correct[1])}
+    acc = (correct[:, 0] / correct[:, 1].clamp(min=1)).tolist()
+    return {
+        "accuracy": acc[0],
+        "items": int(correct[0, 1]),
+        "slices": {n: acc[row[n]] for n in names},
+    }

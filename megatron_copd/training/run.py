@@ -165,8 +165,8 @@ def _train(cfg: RunConfig, stop) -> int:
     try:
         if cfg.eval.at_end and "base" not in results:
             # Every branch is still the base model: split the domains among the branches.
-            results["base"] = _evaluate_split(cfg, groups, branch.model, res, rewards, domains,
-                                              cache)
+            full = _evaluate_split(cfg, groups, branch.model, res, rewards, domains, cache)
+            results["base"] = _record_slices(results, "base", full)
             reporter.log_eval("base", results["base"], 0)
             _log("base accuracy: " + _fmt(results["base"]))
 
@@ -185,7 +185,7 @@ def _train(cfg: RunConfig, stop) -> int:
         if cfg.eval.at_end:
             acc = evaluate_all(cfg, groups, branch, res, rewards, domains, cache)
             results["branches"] = {
-                n: {d: a[d]["accuracy"] for d in domains}
+                n: _record_slices(results, n, a)
                 for n, a in zip(layout.names, _gather_by_branch(acc, groups))
             }
             for n, a in results["branches"].items():
@@ -194,8 +194,8 @@ def _train(cfg: RunConfig, stop) -> int:
             merged = _merge_branches(cfg, groups, run_dir, base, schedule)
             if merged is not None:
                 load_model(branch.model, groups.pgs, merged, process_group=groups.branch_group)
-                results["merged"] = _evaluate_split(cfg, groups, branch.model, res, rewards,
-                                                    domains, cache)
+                full = _evaluate_split(cfg, groups, branch.model, res, rewards, domains, cache)
+                results["merged"] = _record_slices(results, "merged", full)
                 reporter.log_eval("merged", results["merged"], schedule.total_steps)
                 _log("merged accuracy: " + _fmt(results["merged"]))
         if dist.get_rank() == 0:
@@ -217,7 +217,14 @@ def _fingerprint(base: Path | None) -> str:
     return compute_fingerprint(base)
 
 
-def _evaluate_split(cfg, groups, model, res, rewards, domains, cache) -> dict[str, float]:
+def _record_slices(results: dict, model: str, evaluated: dict[str, dict]) -> dict[str, float]:
+    """Keep each domain's per-slice accuracy under results["slices"][model]; return the
+    domains' accuracies."""
+    results.setdefault("slices", {})[model] = {d: e["slices"] for d, e in evaluated.items()}
+    return {d: e["accuracy"] for d, e in evaluated.items()}
+
+
+def _evaluate_split(cfg, groups, model, res, rewards, domains, cache) -> dict[str, dict]:
     """All branches hold the same weights: each evaluates a share of the domains."""
     mine = domains[groups.branch :: groups.layout.num_branches]
     acc = {d: evaluate_domain(cfg, groups, model, res.tokenizer, rewards, res.sources.eval[d],
@@ -225,7 +232,7 @@ def _evaluate_split(cfg, groups, model, res, rewards, domains, cache) -> dict[st
     merged: dict = {}
     for part in _gather_by_branch(acc, groups):
         merged.update(part)
-    return {d: merged[d]["accuracy"] for d in domains}
+    return {d: merged[d] for d in domains}
 
 
 def _merge_branches(cfg, groups, run_dir: Path, base: Path | None, schedule) -> Path | None:
@@ -295,7 +302,10 @@ def run_evaluation(cfg: RunConfig, checkpoint: str) -> int:
     load_model(model, groups.pgs, checkpoint, process_group=groups.branch_group)
     domains = sorted(res.sources.eval)
     with RewardPool(num_workers=cfg.grpo.reward_workers, timeout_s=cfg.grpo.reward_timeout_s) as rw:
-        acc = _evaluate_split(cfg, groups, model, res, rw, domains, {})
+        full = _evaluate_split(cfg, groups, model, res, rw, domains, {})
     if dist.get_rank() == 0:
-        print(json.dumps({"checkpoint": str(checkpoint), "accuracy": acc}, indent=2))
+        acc = {d: e["accuracy"] for d, e in full.items()}
+        slices = {d: e["slices"] for d, e in full.items()}
+        print(json.dumps({"checkpoint": str(checkpoint), "accuracy": acc, "slices": slices},
+                         indent=2))
     return 0
