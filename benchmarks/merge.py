@@ -23,7 +23,10 @@ For each size and K the script measures, alternating, in the same run on the sam
   output in the inputs' dtype) in a subprocess of PY; its time is run_merge + fsync of the output
   (what the merger's own figure covers), and the process's wall time and peak memory as above.
 "warm": inputs in the page cache; "cold": inputs evicted first (posix_fadvise DONTNEED; this
-machine does not allow drop_caches). Best of --repeat runs for each figure.
+machine does not allow drop_caches). Best of --repeat runs for each figure, and the "paired"
+ratio: the median over the repeats of each merge's time over the limit pass run just before it
+(this machine's disk throughput drifts by 2-4x within minutes, so a best-vs-best ratio can pair a
+lucky limit pass with an unlucky merge).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -353,7 +357,8 @@ def main() -> None:
     dtype = DTYPES[args.dtype]
     header = (
         f"{'size':>6} {'K':>2} {'mode':>5} {'tool':>8} {'limit s':>8} {'merge s':>8} "
-        f"{'ratio':>6} {'proc s':>7} {'GB/s in':>8} {'peak RSS':>9} {'peak anon':>9} (MiB)"
+        f"{'ratio':>6} {'paired':>6} {'proc s':>7} {'GB/s in':>8} {'peak RSS':>9} "
+        f"{'peak anon':>9} (MiB)"
     )
     print(header)
     try:
@@ -375,6 +380,7 @@ def main() -> None:
                     prep = evict if mode == "cold" else warm
                     best_l = None
                     best: dict[str, dict] = {}
+                    paired: dict[str, list[float]] = {}
                     for _ in range(args.repeat):
                         prep(ins)
                         t_limit = limit_pass(ins, root / "limit.bin", dir_bytes(ins[0]))
@@ -388,12 +394,14 @@ def main() -> None:
                                 args.dtype,
                             )
                         for tool, m in runs.items():
+                            paired.setdefault(tool, []).append(m["merge"] / t_limit)
                             if tool not in best or m["merge"] < best[tool]["merge"]:
                                 best[tool] = m
                     for tool, m in best.items():
                         print(
                             f"{size_gb:>5g}G {k:>2} {mode:>5} {tool:>8} {best_l:>8.2f} "
-                            f"{m['merge']:>8.2f} {m['merge'] / best_l:>6.2f} {m['wall']:>7.2f} "
+                            f"{m['merge']:>8.2f} {m['merge'] / best_l:>6.2f} "
+                            f"{statistics.median(paired[tool]):>6.2f} {m['wall']:>7.2f} "
                             f"{in_bytes / m['merge'] / 1e9:>8.2f} {m['rss_mb']:>9.0f} "
                             f"{m['anon_mb']:>9.0f}",
                             flush=True,
@@ -412,8 +420,9 @@ def main() -> None:
     print(
         "merge s: time inside merge_checkpoints (checks, fingerprint-free stream, fsync, "
         "rename), for mergekit run_merge + fsync; proc s: the whole subprocess incl. "
-        "interpreter start and imports; ratio = merge s / limit s; GB/s in: bytes of the "
-        "torch_dist inputs / merge s"
+        "interpreter start and imports; ratio = best merge s / best limit s; paired = median "
+        "over the repeats of merge / the limit pass run just before it (cancels the disk's "
+        "drift); GB/s in: bytes of the torch_dist inputs / merge s"
     )
 
 
