@@ -140,7 +140,7 @@ class ToyWorld:
 
     @property
     def splits(self) -> tuple[str, ...]:
-        return SPLITS + ((WARMUP,) if self.spec.warmup_size else ())
+        return _splits(self.spec)
 
     @property
     def base_split(self) -> str:
@@ -206,6 +206,10 @@ def _open(root: Path, spec: ToySpec) -> ToyWorld:
 
 # ---------------------------------------------------------------------------------------------
 # Generation
+
+
+def _splits(spec: ToySpec) -> tuple[str, ...]:
+    return SPLITS + ((WARMUP,) if spec.warmup_size else ())
 
 
 def _rng(spec: ToySpec, domain: str, split: str) -> np.random.Generator:
@@ -345,10 +349,7 @@ def _generate(tmp: Path, spec: ToySpec) -> None:
         "version": VERSION,
         "spec": dataclasses.asdict(spec),
         "counts": counts,
-        "files": {
-            d: {s: f"{d}/{s}.jsonl" for s in SPLITS + ((WARMUP,) if spec.warmup_size else ())}
-            for d in DOMAINS
-        },
+        "files": {d: {s: f"{d}/{s}.jsonl" for s in _splits(spec)} for d in DOMAINS},
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
