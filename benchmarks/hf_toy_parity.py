@@ -70,7 +70,7 @@ def main() -> None:
     from megatron_copd.data.prompting import encode_prompt
     from megatron_copd.data.records import load_many
     from megatron_copd.data.toy.vocab import build_toy_tokenizer
-    from megatron_copd.data.toy.world import build_toy_world
+    from megatron_copd.training.toy_base import configured_toy_world
     from megatron_copd.models.conversion.hf_export import convert_to_hf
     from megatron_copd.models.factory import build_model
     from megatron_copd.rewards.registry import verifier_spec
@@ -89,8 +89,7 @@ def main() -> None:
     cfg = load_config(None, overrides, world_size=2)  # the toy config has two branches
     cache = Path(cfg.data.cache_dir or os.environ.get("COPD_CACHE_DIR")
                  or "~/.cache/megatron-copd").expanduser()
-    world = build_toy_world(cache, seed=cfg.data.base_seed, train_size=cfg.data.train_size,
-                            eval_size=cfg.data.eval_size)
+    world = configured_toy_world(cfg, cache)
     tok = build_toy_tokenizer(world)
     tok_dir = world.root / "tokenizer"  # where build_toy_tokenizer keeps the default vocabulary
     base = ensure_toy_base(cfg, world, tok, str(tok_dir), cache)

@@ -285,15 +285,17 @@ class ToyWorldConfig:
     """Text domain: largest operand (2..99); 9 keeps every operand a single digit."""
     text_word_frac: float = 0.3
     """Text domain: fraction of problems phrased as word problems."""
-    image_tasks: list[str] = field(default_factory=lambda: ["colour", "kind"])
+    image_tasks: list[str] = field(default_factory=lambda: ["colour"])
     """Image question types (colour, kind, count, count_colour, count_kind, majority, biggest)."""
     video_tasks: list[str] = field(default_factory=lambda: ["colour"])
     """Video question types (colour, direction, flashes, mover)."""
-    phrasings: int = 1
-    """Train/eval questions come in this many forms (1..6: "{q}", "Question: {q}", ...)."""
-    warmup_size: int = 0
+    phrasings: int = 6
+    """Train/eval questions come in this many forms (1..6: "{q}", "Question: {q}", ...); the
+    base is taught only the first, so RL has forms to learn."""
+    warmup_size: int | None = None
     """Items per domain of a separate split the base warms up on, in the canonical form only;
-    0 = the base warms up on the train split (and RL then samples prompts it has memorised)."""
+    null = data.train_size; 0 = the base warms up on the train split itself (RL then samples
+    prompts the base has memorised)."""
 
 
 @dataclass

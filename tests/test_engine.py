@@ -84,14 +84,18 @@ def test_train_writes_the_run_directory_and_resumes(tmp_path, cache_dir):
     for model in ("base", "merged"):
         assert set(results[model]) == {"text", "image"}
     assert set(results["branches"]) == {"text", "image"}
-    # per-slice accuracy: each question type of a domain; the domain's accuracy is their mix
+    # per-slice accuracy: each question type and phrasing of a domain; the domain's accuracy is
+    # a mix of the task slices, and of the phrasing slices
     assert set(results["slices"]) == {"base", "text", "image", "merged"}
+    phrasings = {f"phrasing={i}" for i in range(6)}
     for model, by_domain in results["slices"].items():
         acc = results[model] if model in ("base", "merged") else results["branches"][model]
-        assert set(by_domain["image"]) <= {"task=colour", "task=kind"} and by_domain["image"]
-        assert set(by_domain["text"]) <= {"task=expr", "task=word"} and by_domain["text"]
-        for d, slices in by_domain.items():
-            assert min(slices.values()) - 1e-9 <= acc[d] <= max(slices.values()) + 1e-9
+        for d, tasks in (("image", {"task=colour"}), ("text", {"task=expr", "task=word"})):
+            slices = by_domain[d]
+            assert set(slices) <= tasks | phrasings and set(slices) & tasks, slices
+            for group in (tasks, phrasings):
+                values = [v for k, v in slices.items() if k in group]
+                assert min(values) - 1e-9 <= acc[d] <= max(values) + 1e-9
     assert "merged" in proc.stdout and "overall" in proc.stdout  # the table
 
     # Run again: everything is done; it resumes from latest and trains no step twice.

@@ -47,13 +47,9 @@ class Resources:
         self.world = None
         if cfg.data.world == "toy":
             from megatron_copd.data.toy.vocab import build_toy_tokenizer
-            from megatron_copd.data.toy.world import build_toy_world
+            from megatron_copd.training.toy_base import configured_toy_world
 
-            cache = cache_dir(cfg)
-            self.world = build_toy_world(
-                cache, seed=cfg.data.base_seed, train_size=cfg.data.train_size,
-                eval_size=cfg.data.eval_size, **to_dict(cfg.data.toy),
-            )
+            self.world = configured_toy_world(cfg, cache_dir(cfg))
             self.tokenizer = build_toy_tokenizer(self.world, vocab_size=cfg.model.vocab_size)
             name = "tokenizer" if cfg.model.vocab_size == 512 else f"tokenizer-{cfg.model.vocab_size}"
             self.tokenizer_dir = str(self.world.root / name)

@@ -7,8 +7,9 @@ checkpoint; concurrent runs wait for the one that builds it. Every rank of the w
 one data-parallel group (the branches do not exist yet) on the same global batches whatever the
 world size, but the floating-point reduction order differs with the number of ranks, and the toy
 VLM's visual learning sits on a plateau that amplifies such differences: a base built by one
-process and one built by two are statistically alike, not equal (measured: image 49.6 % vs
-61.8 % held-out). The first build on a machine is cached and every later run reuses it. Its seed is ``data.base_seed``, not the run seed: runs with different seeds
+process and one built by two are statistically alike, not equal (measured on the earlier default
+world: image 49.6 % vs 61.8 % held-out). The first build on a machine is cached and every later
+run reuses it. Its seed is ``data.base_seed``, not the run seed: runs with different seeds
 (``copd compare``) start from one base, as the paper's branches start from one model.
 """
 
@@ -36,6 +37,17 @@ from megatron_copd.training.losses import sft_loss
 from megatron_copd.training.samples import SampleSet, build_micro_batches
 
 DOMAINS = ("text", "image", "video")
+
+
+def configured_toy_world(cfg: RunConfig, cache_dir: Path):
+    """The toy world a run config names (built once and cached)."""
+    from megatron_copd.data.toy.world import build_toy_world
+
+    knobs = to_dict(cfg.data.toy)
+    if knobs["warmup_size"] is None:
+        knobs["warmup_size"] = cfg.data.train_size
+    return build_toy_world(cache_dir, seed=cfg.data.base_seed, train_size=cfg.data.train_size,
+                           eval_size=cfg.data.eval_size, **knobs)
 
 
 def base_key(cfg: RunConfig, world, tokenizer_dir: str) -> str:
