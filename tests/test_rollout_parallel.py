@@ -36,14 +36,36 @@ def _vlm_inputs(seed: int):
     return prompts, pixels
 
 
-def _rollout(model, g, seed, vision=True, g_samples=2):
+def _rollout(model, g, seed, vision=True, g_samples=2, fast=True):
     prompts, pixels = _vlm_inputs(seed) if vision else (prompts_for(seed, 4), None)
     params = SamplingParams(
         max_new_tokens=R, seed=seed, temperature=0.9, top_p=0.95, stop_ids=tuple(range(6, 40))
     )
     return generate(
-        model, g.pgs, prompts, params, pixels=pixels, samples_per_prompt=g_samples, kv_batch_size=4
+        model,
+        g.pgs,
+        prompts,
+        params,
+        pixels=pixels,
+        samples_per_prompt=g_samples,
+        kv_batch_size=4,
+        fast_decode=fast,
     )
+
+
+def _fast_vs_slow(model, g, seed, fast_ro):
+    """The fast decode step vs megatron's on the same weights and seed, and the fast path's
+    log-probs vs a full recompute (scoring) of the sampled sequences."""
+    slow = _rollout(model, g, seed, fast=False)
+    same = all(
+        torch.equal(getattr(fast_ro, k), getattr(slow, k)) for k in ("tokens", "lengths", "finished")
+    )
+    out = {"same": same, "lp": (fast_ro.logprobs - slow.logprobs).abs().max().item()}
+    sc = _score(model, g, fast_ro)
+    if sc is not None:  # last pipeline stage
+        mask = torch.arange(R)[None] < fast_ro.lengths[:, None]
+        out["lp_vs_recompute"] = _diff(fast_ro.logprobs, sc.logprobs, mask)
+    return out
 
 
 def _score(model, g, ro):
@@ -94,6 +116,7 @@ def _tp_checks(rank, out):
     out["tp_tokens_equal"] = torch.equal(ro2.tokens, ro1.tokens)
     out["tp_lp"] = (ro2.logprobs - ro1.logprobs).abs().max().item()
     out["tp_tokens"] = ro2.tokens
+    out["tp_fast_vs_slow"] = _fast_vs_slow(m2, g2, 3, ro2)
     out["tp_lengths"] = ro2.lengths
     # sequence parallel model (same weights): rollout switches SP off, scoring pads for it
     msp = build(g2, 21, tp=2, vision=True)
@@ -171,6 +194,7 @@ def _pp_checks(rank, out):
     ro_p, ro_1 = _rollout(mp, gp, 4), _rollout(m1, g1, 4)
     out["pp_tokens_equal"] = torch.equal(ro_p.tokens, ro_1.tokens)
     out["pp_lp"] = (ro_p.logprobs - ro_1.logprobs).abs().max().item()
+    out["pp_fast_vs_slow"] = _fast_vs_slow(mp, gp, 4, ro_p)
     sp = _score(mp, gp, ro_1)
     out["pp_score_none_on_first_stage"] = (sp is None) == gp.is_first_stage
     if sp is not None:
@@ -185,6 +209,7 @@ def _pp_checks(rank, out):
     a, b = _rollout(mtp, gtp, 5), _rollout(mt1, gt1, 5)
     out["tppp_tokens_equal"] = torch.equal(a.tokens, b.tokens)
     out["tppp_lp"] = (a.logprobs - b.logprobs).abs().max().item()
+    out["tppp_fast_vs_slow"] = _fast_vs_slow(mtp, gtp, 5, a)
 
 
 def _exchange(rank, names, edges, tp=1, pp=1, vision=True):
@@ -355,3 +380,17 @@ def test_edge_list_errors():
     ):
         with pytest.raises(EdgeError, match=msg):
             normalize_edges(bad, g)
+
+
+@pytest.mark.parametrize("layout", ["tp", "pp", "tppp"])
+def test_fast_decode_equals_megatron_decode_at_tp2_pp2(reports, layout):
+    """The fast decode step (rollout.fast_decode, finished rows leaving the batch) samples what
+    megatron's decode step samples, and its log-probs equal a full recompute of the sequences."""
+    last_stage_reports = 0
+    for r in reports:
+        d = r[f"{layout}_fast_vs_slow"]
+        assert d["same"] and d["lp"] <= 1e-5, d
+        if "lp_vs_recompute" in d:
+            last_stage_reports += 1
+            assert d["lp_vs_recompute"] <= 1e-5, d
+    assert last_stage_reports >= 2

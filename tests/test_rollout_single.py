@@ -5,6 +5,8 @@ All checks run in one spawned worker (start-up is the expensive part); each test
 of the worker's report.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from harness import run_world
@@ -12,6 +14,7 @@ from rollout_util import IMAGE_TOKEN, build, full_logits, groups, prompts_for
 
 from megatron_copd.errors import DataError
 from megatron_copd.rollout import layout
+from megatron_copd.rollout.fast_decode import unsupported_reason
 from megatron_copd.rollout.generation import KVDecoder, generate, inference_forward
 from megatron_copd.rollout.sampling import SamplingParams
 from megatron_copd.rollout.scoring import ScoreSpec, score_responses
@@ -126,6 +129,30 @@ def _single_worker(rank, world):
     out["stop_ids_ok"] = ok
     out["some_stopped_early"] = bool((s.lengths < R).any()) and bool(s.finished.any())
 
+    # the fast decode step (finished rows leave the batch) vs megatron's decode step
+    out["fast_supported"] = [unsupported_reason(m) for m in (text, vlm)]
+    fast_vs_slow = {}
+    for name, model, kw in (
+        ("text_stops", text, dict(prompts=prompts, pad_id=1, samples_per_prompt=4)),
+        ("vlm", vlm, dict(prompts=vprompts, pixels=pixels, samples_per_prompt=3)),
+    ):
+        sp2 = dataclasses.replace(sp, stop_ids=tuple(range(6, 140)), max_new_tokens=12)
+        fast = generate(model, g.pgs, params=sp2, topk=3, **kw)
+        slow = generate(model, g.pgs, params=sp2, topk=3, fast_decode=False, **kw)
+        ref = score_responses(
+            model, g.pgs, fast.sample_prompts(), fast.responses(),
+            pixels=fast.sample_pixels(), spec=ScoreSpec(topk=0, entropy=False),
+        )
+        m = torch.arange(12)[None] < fast.lengths[:, None]
+        fast_vs_slow[name] = {
+            "same": all(torch.equal(getattr(fast, k), getattr(slow, k))
+                        for k in ("tokens", "lengths", "finished", "topk_ids")),
+            "lp": (fast.logprobs - slow.logprobs).abs().max().item(),
+            "lp_vs_recompute": ((fast.logprobs - ref.logprobs).abs() * m).max().item(),
+            "ragged": len(set(fast.lengths.tolist())) > 2,
+        }
+    out["fast_vs_slow"] = fast_vs_slow
+
     # greedy decoding picks the argmax of the recomputed distribution
     gr = generate(text, g.pgs, prompts, SamplingParams(max_new_tokens=R, temperature=0))
     sc = score_responses(text, g.pgs, prompts, gr.responses(), spec=ScoreSpec(topk=1))
@@ -212,6 +239,10 @@ def test_generation_features(report):
     assert report["sampling_lp_differs"]  # temperature 0.9 / top-p: q != pi
     assert report["no_image_token_sampled"]
     assert report["stop_ids_ok"] and report["some_stopped_early"]
+    assert report["fast_supported"] == [None, None]  # the test models take the fast decode step
+    for name, r in report["fast_vs_slow"].items():
+        assert r["same"] and r["lp"] <= 1e-5 and r["lp_vs_recompute"] <= 1e-5, (name, r)
+        assert r["ragged"], name  # rows finished at different steps and left the batch
     assert report["greedy_is_argmax"]
     assert report["inference_mode_off"] and report["train_backward_ok"]
     assert report["outputs_are_normal_tensors"]

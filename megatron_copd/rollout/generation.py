@@ -35,6 +35,7 @@ from megatron.core.utils import unwrap_model
 from megatron_copd.errors import DataError
 from megatron_copd.models.precision import inference_precision
 from megatron_copd.rollout import inputs, layout
+from megatron_copd.rollout.fast_decode import FastDecoder, unsupported_reason
 from megatron_copd.rollout.pipeline import PipelineStage
 from megatron_copd.rollout.sampling import SamplingParams, choose_tokens, uniforms
 
@@ -157,6 +158,7 @@ class KVDecoder:
         max_batch: int,
         max_len: int,
         all_logits: bool = False,
+        fast: bool = True,
     ) -> None:
         self.stage = PipelineStage(model, pgs)
         self.model = model
@@ -166,14 +168,16 @@ class KVDecoder:
         self.ctx.config.materialize_only_last_token_logits = not all_logits
         self.max_batch = max_batch
         self.max_len = max_len
+        # Decode steps on the lean path when it computes what megatron's layers compute (see
+        # rollout.fast_decode); prefill always runs megatron's forward (and the vision tower).
+        self.fast = (
+            FastDecoder(model, self.stage, pgs.tp, max_batch, max_len)
+            if fast and unsupported_reason(model) is None
+            else None
+        )
 
     def reset(self) -> None:
         self.ctx.reset()
-
-    @property
-    def length(self) -> int:
-        """Tokens already in the cache."""
-        return self.ctx.sequence_len_offset
 
     def prefill(
         self, tokens: torch.Tensor, valid: torch.Tensor, pixels: torch.Tensor | None = None
@@ -186,6 +190,8 @@ class KVDecoder:
                 f"prefill of [{b}, {p}] exceeds the KV cache [{self.max_batch}, {self.max_len}]"
             )
         self.ctx.reset()
+        if self.fast is not None:
+            self.fast.reset()
         logits = self.stage.forward(
             p,
             b,
@@ -206,18 +212,39 @@ class KVDecoder:
 
     def expand_rows(self, index: torch.Tensor) -> None:
         """Cache row ``i`` becomes a copy of row ``index[i]`` (one prompt -> its G samples)."""
+        if self.fast is not None:
+            self.fast.load(self.ctx, self.length, index)
+            return
         n, length = index.shape[0], self.length
         for key, value in self.ctx.key_value_memory_dict.values():
             key[:length, :n] = key[:length, index]
             value[:length, :n] = value[:length, index]
 
+    @property
+    def can_drop_rows(self) -> bool:
+        return self.fast is not None
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Finished rows leave the batch: only rows ``keep`` (ascending) decode on (fast path)."""
+        self.fast.keep_rows(keep)
+
+    @property
+    def length(self) -> int:
+        """Tokens already in the cache."""
+        return self.fast.length if self.fast is not None and self.fast.rows else self.ctx.sequence_len_offset
+
     def step(
         self, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None
     ) -> torch.Tensor | None:
-        """Feed one token per row. ``key_mask [B, 1, 1, L]`` (True = masked) covers the cache
+        """Feed one token per row (on the fast path the positions are the cache index, as in
+        megatron's static path: RoPE is relative, so the scores are the same). ``key_mask [B, 1, 1, L]`` (True = masked) covers the cache
         plus this token (``L = length + 1``); None when no row has padding. Returns logits
         ``[B, V]``."""
         b = tokens.shape[0]
+        if self.fast is not None:
+            if not self.fast.rows:  # straight after prefill: take megatron's cache as it is
+                self.fast.load(self.ctx, self.length, torch.arange(b, device=tokens.device))
+            return self.fast.step(tokens, key_mask)
         if self.length + 1 > self.max_len:
             raise ValueError(f"decode step beyond the KV cache length {self.max_len}")
         logits = self.stage.forward(
@@ -274,6 +301,7 @@ def generate(
     kv_batch_size: int = 64,
     pad_id: int = 0,
     topk: int = 0,
+    fast_decode: bool = True,
 ) -> Rollout:
     """Sample ``samples_per_prompt`` responses per prompt (collective over the branch's
     model-parallel group: every TP/PP rank calls it with the same arguments).
@@ -286,6 +314,9 @@ def generate(
     seeded noise; give each DP rank / step its own ``params.seed``.
     ``topk``: also record the policy's top-k token ids per position (free: the full-vocabulary
     logits of every step are on the last stage anyway).
+    ``fast_decode``: decode steps on :mod:`~megatron_copd.rollout.fast_decode` where it supports
+    the model (same tokens and log-probs as megatron's step; finished rows leave the batch);
+    False keeps megatron's static-inference decode step.
     """
     _check_layout(pgs)
     facts = inputs.ModelFacts.of(model)
@@ -318,7 +349,7 @@ def generate(
     with inference_forward(model):
         if chunks:
             max_prompt = max(len(p) for p in prompt_lists)
-            decoder = KVDecoder(model, pgs, per_batch * g, max_prompt + r)
+            decoder = KVDecoder(model, pgs, per_batch * g, max_prompt + r, fast=fast_decode)
         for chunk in chunks:
             rows = torch.tensor([p * g + j for p in chunk for j in range(g)], device=device)
             out = _generate_batch(
@@ -365,15 +396,14 @@ def _generate_batch(
     p = batch.prompt_width
     logits = decoder.prefill(batch.tokens[:, :p], batch.valid[:, :p], pixels)
     b = len(prompts) * g
-    if g > 1:
-        index = torch.arange(len(prompts), device=device).repeat_interleave(g)
-        decoder.expand_rows(index)
-        if logits is not None:
-            logits = logits.repeat_interleave(g, dim=0)
     valid = batch.valid.repeat_interleave(g, dim=0)
     valid[:, p:] = True  # generated tokens are real tokens for later queries
     key_mask = None if bool(valid.all()) else layout.key_padding_mask(valid)
     first_position = batch.prompt_lens.repeat_interleave(g)
+    if g > 1:
+        decoder.expand_rows(torch.arange(len(prompts), device=device).repeat_interleave(g))
+        if logits is not None:
+            logits = logits.repeat_interleave(g, dim=0)
 
     out_tokens = torch.full((b, r), pad_id, dtype=torch.long, device=device)
     out_lp = torch.zeros(b, r, dtype=torch.float32, device=device)
@@ -386,28 +416,43 @@ def _generate_batch(
     shared = torch.empty(b, 3, dtype=torch.float64, device=device)
     if stage.is_last and not params.greedy:  # every step's random numbers at once
         u = uniforms(params.seed, sample_ids[:, None], torch.arange(r, device=device)[None, :])
+    # ``act``: the rows still in the batch. Finished rows leave it (fast path) once they are an
+    # eighth of it; tokens do not depend on the batch (noise is seeded per sample id).
+    act = torch.arange(b, device=device)
+    rows_mask, rows_position = key_mask, first_position
     for t in range(r):
+        m = act.shape[0]
         if stage.is_last:
             y, lp, slp = choose_tokens(
-                logits, params, sample_ids, t, None if params.greedy else u[:, t]
+                logits, params, sample_ids[act], t, None if params.greedy else u[act, t]
             )
             if out_topk is not None:
-                out_topk[:, t] = logits.topk(topk, dim=-1).indices
+                out_topk[act, t] = logits.topk(topk, dim=-1).indices
         if stage.size > 1:
             # token ids are exact in float64: one broadcast carries all three
+            buf = shared[:m]
             if stage.is_last:
-                torch.stack([y.double(), lp.double(), slp.double()], dim=1, out=shared)
-            stage.broadcast_from_last(shared)
-            y, lp, slp = shared[:, 0].long(), shared[:, 1].float(), shared[:, 2].float()
-        out_tokens[:, t], out_lp[:, t], out_slp[:, t] = y, lp, slp
+                torch.stack([y.double(), lp.double(), slp.double()], dim=1, out=buf)
+            stage.broadcast_from_last(buf)
+            y, lp, slp = buf[:, 0].long(), buf[:, 1].float(), buf[:, 2].float()
+        out_tokens[act, t], out_lp[act, t], out_slp[act, t] = y, lp, slp
         if stop_ids.numel():
-            finished |= torch.isin(y, stop_ids)
+            done = torch.isin(y, stop_ids)
+            finished[act] |= done
             if bool(finished.all()):
                 break
         if t == r - 1:
             break
-        step_mask = None if key_mask is None else key_mask[..., : p + t + 1]
-        logits = decoder.step(y, first_position + t, step_mask)
+        if decoder.can_drop_rows and stop_ids.numel():
+            n_done = int(finished[act].sum())
+            if n_done and 8 * n_done >= m:
+                keep = (~finished[act]).nonzero().squeeze(1)
+                decoder.keep_rows(keep)
+                act, y = act[keep], y[keep]
+                rows_mask = None if key_mask is None else key_mask[act]
+                rows_position = first_position[act]
+        step_mask = None if rows_mask is None else rows_mask[..., : p + t + 1]
+        logits = decoder.step(y, rows_position + t, step_mask)
     # A finished row keeps decoding with the batch; everything after its first stop id goes.
     lengths = torch.full((b,), r, dtype=torch.long, device=device)
     if stop_ids.numel():
