@@ -15,7 +15,13 @@ HF: the megatron model is saved (torch_dist) and exported with the project's con
 checked to give the same logits; then ``generate(do_sample=True, temperature=1, top_k=0,
 min_new_tokens=max_new_tokens=32, no EOS)`` with its default dynamic KV cache and
 ``output_logits``, the log-probs of the sampled tokens taken from those logits (in the timing).
---no-hf skips it.
+--no-hf skips it. HF CB: the same export through transformers' continuous-batching
+``generate_batch`` (paged KV cache, requests scheduled as they finish; it runs on the CPU), same
+sampling settings, ``min_new_tokens`` = 32 (--no-hf-cb skips it: it is slow on a CPU).
+
+Our sampler's decode steps run ``rollout.fast_decode`` (the default); the column "megatron
+step" is the same sampler with ``fast_decode=False`` (megatron's static-inference decode step),
+i.e. the sampler before the fast path.
 """
 
 from __future__ import annotations
@@ -101,9 +107,9 @@ def prompts_of(batch: int) -> list[list[int]]:
     return torch.randint(6, 512, (batch, PROMPT_LEN), generator=gen).tolist()
 
 
-def run_ours(model, pgs, prompts):
+def run_ours(model, pgs, prompts, fast=True):
     params = SamplingParams(max_new_tokens=NEW_TOKENS, seed=1)
-    ro = generate(model, pgs, prompts, params, kv_batch_size=len(prompts))
+    ro = generate(model, pgs, prompts, params, kv_batch_size=len(prompts), fast_decode=fast)
     assert int(ro.lengths.sum()) == len(prompts) * NEW_TOKENS
 
 
@@ -204,6 +210,25 @@ def run_hf(hf, prompts):
     assert logp.shape == new.shape and bool(torch.isfinite(logp).all())
 
 
+@torch.no_grad()
+def run_hf_cb(hf, prompts):
+    import transformers
+
+    gc = transformers.GenerationConfig(
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    out = hf.generate_batch(prompts, generation_config=gc, warmup=False)
+    lens = {len(o.generated_tokens) for o in out.values()}
+    assert len(out) == len(prompts) and lens == {NEW_TOKENS}, (len(out), lens)
+
+
 def best_rates(fns: dict, tokens: int, repeats: int) -> dict[str, tuple[float, float]]:
     """Best-of-``repeats`` (wall-clock, process-CPU) tokens/s per method, the methods interleaved
     round-robin so that a busy machine slows them alike. CPU time is the steadier figure on a
@@ -227,6 +252,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
+    ap.add_argument("--no-hf-cb", action="store_true", help="skip HF continuous batching")
     args = ap.parse_args()
     model, pgs, cfg = build()
     if args.threads:  # after build: init_distributed sets the thread count for its ranks
@@ -245,16 +271,16 @@ def main() -> None:
         f"torch threads: {torch.get_num_threads()}; prompt {PROMPT_LEN}, new {NEW_TOKENS}; "
         f"generated tokens/s, best of {args.repeats} (wall-clock | process CPU time)"
     )
-    print(
-        f"{'batch':>5} {'':>6} {'ours KV':>9} {'no-cache':>9} {'static':>9} {'HF gen':>9} "
-        f"{'ours/no-cache':>14} {'ours/static':>12} {'ours/HF':>8}"
-    )
+    cols = ["ours KV", "megatron step", "no-cache", "static", "HF gen", "HF CB"]
+    print(f"{'batch':>5} {'':>6} " + " ".join(f"{c:>13}" for c in cols)
+          + f" {'ours/HF gen':>12} {'ours/HF CB':>11} {'ours/megatron step':>19}")
     for batch in args.batches:
         prompts = prompts_of(batch)
         engine = make_static_engine(model, pgs, batch)
         try:
             fns = {
                 "ours": partial(run_ours, model, pgs, prompts),
+                "megatron_step": partial(run_ours, model, pgs, prompts, fast=False),
                 "no_cache": partial(run_no_cache, model, pgs, prompts),
                 "static": partial(run_static, engine, prompts),
             }
@@ -263,14 +289,18 @@ def main() -> None:
             rates = best_rates(fns, batch * NEW_TOKENS, args.repeats)
         finally:
             InferenceMode.unset_active()  # the engine leaves it on (see MEGATRON_FACTS.md)
+        if hf is not None and not args.no_hf_cb:  # one call (seconds per call on a CPU)
+            w0, c0 = time.perf_counter(), time.process_time()
+            run_hf_cb(hf, prompts)
+            n = batch * NEW_TOKENS
+            rates["hf_cb"] = (n / (time.perf_counter() - w0), n / (time.process_time() - c0))
+        nan = (float("nan"), float("nan"))
         for i, clock in enumerate(("wall", "cpu")):
-            ours, no_cache, static = (rates[k][i] for k in ("ours", "no_cache", "static"))
-            hf_rate = rates["hf"][i] if hf is not None else float("nan")
-            print(
-                f"{batch:>5} {clock:>6} {ours:>9.0f} {no_cache:>9.0f} {static:>9.0f} "
-                f"{hf_rate:>9.0f} {ours / no_cache:>14.2f} {ours / static:>12.2f} "
-                f"{ours / hf_rate:>8.2f}"
-            )
+            vals = [rates.get(k, nan)[i] for k in
+                    ("ours", "megatron_step", "no_cache", "static", "hf", "hf_cb")]
+            ours = vals[0]
+            print(f"{batch:>5} {clock:>6} " + " ".join(f"{v:>13.0f}" for v in vals)
+                  + f" {ours / vals[4]:>12.2f} {ours / vals[5]:>11.2f} {ours / vals[1]:>19.2f}")
     tmp.cleanup()
 
 
