@@ -190,6 +190,7 @@ class KVDecoder:
                 f"prefill of [{b}, {p}] exceeds the KV cache [{self.max_batch}, {self.max_len}]"
             )
         self.ctx.reset()
+        self._prefill_rows = b
         if self.fast is not None:
             self.fast.reset()
         logits = self.stage.forward(
@@ -226,24 +227,32 @@ class KVDecoder:
 
     def keep_rows(self, keep: torch.Tensor) -> None:
         """Finished rows leave the batch: only rows ``keep`` (ascending) decode on (fast path)."""
+        self._take_prefill(None)
         self.fast.keep_rows(keep)
+
+    def _take_prefill(self, rows: int | None) -> None:
+        """Fast path straight after prefill: take megatron's cache rows as they are."""
+        if not self.fast.rows:
+            n = self._prefill_rows if rows is None else rows
+            self.fast.load(self.ctx, self.length, torch.arange(n, device=self.device))
 
     @property
     def length(self) -> int:
         """Tokens already in the cache."""
-        return self.fast.length if self.fast is not None and self.fast.rows else self.ctx.sequence_len_offset
+        if self.fast is not None and self.fast.rows:
+            return self.fast.length
+        return self.ctx.sequence_len_offset
 
     def step(
         self, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None
     ) -> torch.Tensor | None:
         """Feed one token per row (on the fast path the positions are the cache index, as in
-        megatron's static path: RoPE is relative, so the scores are the same). ``key_mask [B, 1, 1, L]`` (True = masked) covers the cache
-        plus this token (``L = length + 1``); None when no row has padding. Returns logits
+        megatron's static path: RoPE is relative, so the scores are the same).
+        ``key_mask [B, 1, 1, L]`` (True = masked) covers the cache plus this token (``L = length + 1``); None when no row has padding. Returns logits
         ``[B, V]``."""
         b = tokens.shape[0]
         if self.fast is not None:
-            if not self.fast.rows:  # straight after prefill: take megatron's cache as it is
-                self.fast.load(self.ctx, self.length, torch.arange(b, device=tokens.device))
+            self._take_prefill(b)
             return self.fast.step(tokens, key_mask)
         if self.length + 1 > self.max_len:
             raise ValueError(f"decode step beyond the KV cache length {self.max_len}")
