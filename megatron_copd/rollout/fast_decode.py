@@ -106,8 +106,8 @@ class _Layer:
         self.norm1 = layer.input_layernorm
         self.norm2 = layer.pre_mlp_layernorm
         self.qkv = att.linear_qkv
-        self.q_norm = None if isinstance(att.q_layernorm, (IdentityOp, type(None))) else att.q_layernorm
-        self.k_norm = None if isinstance(att.k_layernorm, (IdentityOp, type(None))) else att.k_layernorm
+        self.q_norm = _norm_or_none(att.q_layernorm)
+        self.k_norm = _norm_or_none(att.k_layernorm)
         self.proj = att.linear_proj
         self.fc1 = layer.mlp.linear_fc1
         self.fc2 = layer.mlp.linear_fc2
@@ -117,6 +117,10 @@ class _Layer:
         self.groups = att.num_query_groups_per_partition
         self.dim = att.hidden_size_per_attention_head
         self.scale = att.core_attention.softmax_scale
+
+
+def _norm_or_none(module):
+    return None if module is None or isinstance(module, IdentityOp) else module
 
 
 def _linear(module, x: torch.Tensor) -> torch.Tensor:
@@ -246,6 +250,7 @@ class FastDecoder:
             dist.send(h.contiguous(), dst=stage.next_rank, group=stage.pp)
             return None
         h = lm.decoder.final_layernorm(h) if lm.decoder.final_layernorm is not None else h
-        weight = lm.shared_embedding_or_output_weight() if lm.share_embeddings_and_output_weights else None
+        tied = lm.share_embeddings_and_output_weights
+        weight = lm.shared_embedding_or_output_weight() if tied else None
         logits, _ = lm.output_layer(h.unsqueeze(0), weight=weight, runtime_gather_output=True)
         return logits[0]

@@ -168,6 +168,7 @@ class KVDecoder:
         self.ctx.config.materialize_only_last_token_logits = not all_logits
         self.max_batch = max_batch
         self.max_len = max_len
+        self._prefill_rows = 0
         # Decode steps on the lean path when it computes what megatron's layers compute (see
         # rollout.fast_decode); prefill always runs megatron's forward (and the vision tower).
         self.fast = (
@@ -248,8 +249,8 @@ class KVDecoder:
     ) -> torch.Tensor | None:
         """Feed one token per row (on the fast path the positions are the cache index, as in
         megatron's static path: RoPE is relative, so the scores are the same).
-        ``key_mask [B, 1, 1, L]`` (True = masked) covers the cache plus this token (``L = length + 1``); None when no row has padding. Returns logits
-        ``[B, V]``."""
+        ``key_mask [B, 1, 1, L]`` (True = masked) covers the cache plus this token
+        (``L = length + 1``); None when no row has padding. Returns logits ``[B, V]``."""
         b = tokens.shape[0]
         if self.fast is not None:
             self._take_prefill(b)
