@@ -41,16 +41,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VOCAB, PROMPT_LEN, NEW_TOKENS, PROMPTS, GROUP = 512, 16, 32, 16, 8
-MODEL = {
-    "vocab_size": VOCAB,
-    "hidden_size": 128,
-    "num_layers": 4,
-    "num_attention_heads": 4,
-    "num_query_groups": 2,
-    "ffn_hidden_size": 512,
-    "max_sequence_length": 256,
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rollout import NEW_TOKENS, PROMPT_LEN, TOY_MODEL as MODEL  # noqa: E402  the same toy shape
+
+VOCAB, PROMPTS, GROUP = MODEL["vocab_size"], 16, 8
 LR = 1e-6
 
 

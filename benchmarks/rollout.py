@@ -52,6 +52,27 @@ from megatron_copd.runtime.megatron_state import init_megatron_state
 
 PROMPT_LEN = 16
 NEW_TOKENS = 32
+# the toy shape (benchmarks/rl_step.py uses it too)
+TOY_MODEL = {
+    "vocab_size": 512,
+    "hidden_size": 128,
+    "num_layers": 4,
+    "num_attention_heads": 4,
+    "num_query_groups": 2,
+    "ffn_hidden_size": 512,
+    "max_sequence_length": 256,
+}
+# HF sampling equal to ours: temperature 1, no truncation, exactly NEW_TOKENS tokens
+HF_SAMPLING = dict(
+    do_sample=True,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    max_new_tokens=NEW_TOKENS,
+    min_new_tokens=NEW_TOKENS,
+    eos_token_id=None,
+    pad_token_id=0,
+)
 
 
 def build():
@@ -60,15 +81,7 @@ def build():
         RunConfig,
         {
             "branches": [{"name": "bench"}],
-            "model": {
-                "vocab_size": 512,
-                "hidden_size": 128,
-                "num_layers": 4,
-                "num_attention_heads": 4,
-                "num_query_groups": 2,
-                "ffn_hidden_size": 512,
-                "max_sequence_length": 256,
-            },
+            "model": TOY_MODEL,
             "precision": {"dtype": "fp32"},
         },
     )
@@ -191,14 +204,7 @@ def run_hf(hf, prompts):
     out = hf.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
-        do_sample=True,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=NEW_TOKENS,
-        min_new_tokens=NEW_TOKENS,
-        eos_token_id=None,
-        pad_token_id=0,
+        **HF_SAMPLING,
         output_logits=True,
         return_dict_in_generate=True,
     )
@@ -214,16 +220,7 @@ def run_hf(hf, prompts):
 def run_hf_cb(hf, prompts):
     import transformers
 
-    gc = transformers.GenerationConfig(
-        do_sample=True,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=NEW_TOKENS,
-        min_new_tokens=NEW_TOKENS,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
+    gc = transformers.GenerationConfig(**HF_SAMPLING)
     out = hf.generate_batch(prompts, generation_config=gc, warmup=False)
     lens = {len(o.generated_tokens) for o in out.values()}
     assert len(out) == len(prompts) and lens == {NEW_TOKENS}, (len(out), lens)
