@@ -1,0 +1,196 @@
+"""A tiny Qwen3-VL built by transformers from a config (random weights, no hub), hand-made
+multimodal batches for it, and a megatron worker that loads the converted weights at TP/PP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hf_fixtures import _randomise
+
+VOCAB = 300
+IMAGE, VIDEO, V_START, V_END = 290, 291, 292, 293
+PATCH_DIM = 3 * 2 * 16 * 16
+
+
+def config(deepstack=(0, 1), depth: int = 2, tie: bool = True, layers: int = 4):
+    import transformers as T
+
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=tie,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+                bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    vision = dict(depth=depth, hidden_size=32, num_heads=2, intermediate_size=64,
+                  out_hidden_size=64, patch_size=16, temporal_patch_size=2, spatial_merge_size=2,
+                  num_position_embeddings=64, deepstack_visual_indexes=list(deepstack))
+    return T.Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE,
+                           video_token_id=VIDEO, vision_start_token_id=V_START,
+                           vision_end_token_id=V_END, tie_word_embeddings=tie)
+
+
+def build(cfg, seed: int = 0):
+    import transformers as T
+
+    torch.manual_seed(seed)
+    model = T.Qwen3VLForConditionalGeneration(cfg)
+    _randomise(model, seed)
+    return model.eval()
+
+
+def _text(g, n):
+    return torch.randint(4, 280, (n,), generator=g).tolist()
+
+
+def _media(token, grid):
+    t, h, w = grid
+    return [V_START] + [token] * (t * h * w // 4) + [V_END]
+
+
+def make_case(name: str, seed: int = 0) -> dict:
+    """Rows of token ids (left-padded to one length) with their images / video frames.
+
+    text: two text rows; image: one 4x4-patch image; two_images: a 4x4 and a 6x4 image in one
+    row; video: a 2-frame video (two 2-frame temporal patches) written per frame with a
+    timestamp, as Qwen3-VL's template does; mixed: a batch of an image row, a video row and a
+    text row of different lengths (left padding)."""
+    g = torch.Generator().manual_seed(seed)
+    rows, images, videos = [], [], []
+    if name == "text":
+        rows = [_text(g, 12), _text(g, 12)]
+    elif name == "image":
+        images = [(1, 4, 4)]
+        rows = [_text(g, 3) + _media(IMAGE, images[0]) + _text(g, 6)]
+    elif name == "two_images":
+        images = [(1, 4, 4), (1, 6, 4)]
+        rows = [_text(g, 2) + _media(IMAGE, images[0]) + _text(g, 3) + _media(IMAGE, images[1])
+                + _text(g, 4)]
+    elif name == "video":
+        videos = [(2, 4, 4)]
+        frame = (1, 4, 4)
+        rows = [_text(g, 2) + _text(g, 2) + _media(VIDEO, frame) + _text(g, 2)
+                + _media(VIDEO, frame) + _text(g, 5)]
+    elif name == "mixed":
+        images, videos = [(1, 4, 6)], [(2, 4, 4)]
+        rows = [_text(g, 2) + _media(IMAGE, images[0]) + _text(g, 3),
+                _text(g, 1) + _media(VIDEO, (1, 4, 4)) + _text(g, 1) + _media(VIDEO, (1, 4, 4))
+                + _text(g, 2),
+                _text(g, 5)]
+    else:
+        raise ValueError(name)
+    s = max(len(r) for r in rows)
+    ids = torch.full((len(rows), s), 3, dtype=torch.long)
+    mask = torch.zeros(len(rows), s, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, s - len(r):] = torch.tensor(r)
+        mask[i, s - len(r):] = 1
+
+    def pixels(grids):
+        if not grids:
+            return None, None
+        n = sum(t * h * w for t, h, w in grids)
+        return torch.randn(n, PATCH_DIM, generator=g), torch.tensor(grids)
+
+    pv, ig = pixels(images)
+    pvv, vg = pixels(videos)
+    return {"ids": ids, "mask": mask, "pixel_values": pv, "image_grid_thw": ig,
+            "pixel_values_videos": pvv, "video_grid_thw": vg}
+
+
+def hf_logits(model, case: dict) -> torch.Tensor:
+    types = torch.zeros_like(case["ids"])
+    types[case["ids"] == IMAGE] = 1
+    types[case["ids"] == VIDEO] = 2
+    kw = {k: case[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
+                               "video_grid_thw") if case[k] is not None}
+    with torch.no_grad():
+        out = model(input_ids=case["ids"], attention_mask=case["mask"], mm_token_type_ids=types,
+                    **kw)
+    return out.logits.float()
+
+
+def write_checkpoint(hf_model, out: Path) -> Path:
+    """The HF model's weights as a torch_dist checkpoint (the global tensors of our model)."""
+    from megatron_copd.checkpoint.meta import make_meta
+    from megatron_copd.checkpoint.torch_dist_writer import TorchDistWriter
+    from megatron_copd.models.conversion import mapping as mp
+    from megatron_copd.models.conversion.hf_config import _qwen3_vl_text
+    from megatron_copd.models.qwen_vl.hf_weights import mcore_tensors, qwen3_vl_maps
+    from megatron_copd.models.qwen_vl.spec import vision_spec_from_hf
+
+    cfg = hf_model.config.to_dict()
+    model_cfg = _qwen3_vl_text(cfg, "config").model
+    spec = vision_spec_from_hf(cfg)
+    tensors = mcore_tensors(qwen3_vl_maps(model_cfg, spec), hf_model.state_dict())
+    with TorchDistWriter(out) as w:
+        for k, t in tensors.items():
+            w.declare_tensor(mp.MODEL_PREFIX + k, tuple(t.shape), t.dtype)
+        for k, t in tensors.items():
+            w.write_chunk(mp.MODEL_PREFIX + k, (0,) * t.dim(), t.contiguous())
+        w.write_common_state({})
+        w.meta = make_meta(model_cfg, "base", None)
+        w.commit()
+    return out
+
+
+def megatron_logits(rank, world, tp: int, pp: int, hf_cfg: dict, ckpt: str, cases: list[dict]):
+    """Load ``ckpt`` into a QwenVLModel at TP x PP and return full logits for each case."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_copd.checkpoint.model_io import load_model
+    from megatron_copd.config import RunConfig
+    from megatron_copd.config_base import from_dict, to_dict
+    from megatron_copd.models.conversion.hf_config import _qwen3_vl_text
+    from megatron_copd.models.qwen_vl.model import QwenVisualInputs, build_qwen_vl
+    from megatron_copd.models.qwen_vl.positions import mrope_position_ids
+    from megatron_copd.models.qwen_vl.spec import vision_spec_from_hf
+    from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
+    from megatron_copd.runtime.megatron_state import init_megatron_state
+
+    spec = vision_spec_from_hf(hf_cfg)
+    model_cfg = to_dict(_qwen3_vl_text(hf_cfg, "config").model)
+    cfg = from_dict(RunConfig, {"branches": [{"name": "a"}], "parallel": {"tp": tp, "pp": pp},
+                                "precision": {"dtype": "fp32"}, "model": model_cfg})
+    groups = build_branch_groups(BranchLayout.from_world(("a",), world, tp=tp, pp=pp))
+    init_megatron_state(groups, 7)
+    model = build_qwen_vl(cfg, spec, groups.pgs).eval()
+    load_model(model, groups.pgs, ckpt)
+    out = []
+    for case in cases:
+        ids, mask = case["ids"], case["mask"]
+        pos, _ = mrope_position_ids(ids, spec, case["image_grid_thw"], case["video_grid_thw"],
+                                    mask)
+        s = ids.shape[1]
+        causal = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)
+        attn = (causal[None] | ~mask.bool()[:, None, :]).unsqueeze(1)
+        media = QwenVisualInputs(case["pixel_values"], case["image_grid_thw"],
+                                 case["pixel_values_videos"], case["video_grid_thw"])
+        with torch.no_grad():
+            if pp == 1:
+                full = model(ids, pos, attn, pixels=media)
+            else:
+                full = _pipeline_forward(model, groups, ids, pos, attn, media)
+        if full is not None:
+            full = gather_from_tensor_model_parallel_region(full, group=groups.pgs.tp)
+        out.append(full)
+    return out
+
+
+def _pipeline_forward(model, groups, ids, pos, attn, media):
+    """One forward through the stages by hand (send / recv of the hidden states)."""
+    import torch.distributed as dist
+
+    pp = groups.pgs.pp
+    rank, size = pp.rank(), pp.size()
+    ranks = dist.get_process_group_ranks(pp)
+    if rank > 0:
+        h = model.config.hidden_size
+        buf = torch.empty(ids.shape[1], ids.shape[0], h)
+        dist.recv(buf, src=ranks[rank - 1], group=pp)
+        model.set_input_tensor(buf)
+    out = model(ids, pos, attn, pixels=media if rank == 0 else None)
+    if rank < size - 1:
+        dist.send(out.contiguous(), dst=ranks[rank + 1], group=pp)
+        return None
+    return out
