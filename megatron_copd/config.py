@@ -57,6 +57,46 @@ class VisionConfig:
 
 
 @dataclass
+class QwenVLConfig:
+    """Qwen3-VL's vision side: native-resolution ViT (Conv3d patches, learned + 2-D rotary
+    positions, 2x2 merger, DeepStack), multimodal RoPE and the media token ids. Set it (instead of
+    ``model.vision``) to build a Qwen3-VL-shaped model; the decoder is the Qwen3 one above."""
+
+    depth: int = 2
+    """Vision transformer layers."""
+    hidden_size: int = 32
+    """Vision width."""
+    num_heads: int = 2
+    """Vision attention heads (head size a multiple of 4: 2-D RoPE)."""
+    intermediate_size: int = 64
+    """Vision MLP size (tanh-GELU)."""
+    patch_size: int = 16
+    """Spatial patch size in pixels."""
+    temporal_patch_size: int = 2
+    """Frames per patch (an image is repeated to fill them)."""
+    spatial_merge_size: int = 2
+    """Patches merged per side into one language-model token (2: 2x2 -> 1)."""
+    num_position_embeddings: int = 64
+    """Learned vision positions: a square table, bilinearly resampled to each image's grid."""
+    deepstack_visual_indexes: list[int] = field(default_factory=list)
+    """Vision layers whose merged features are added to decoder layers 0, 1, ... (DeepStack)."""
+    rope_theta: float = 10000.0
+    """Base of the vision tower's 2-D rotary embedding."""
+    mrope_section: list[int] = field(default_factory=lambda: [24, 20, 20])
+    """Rotary frequency pairs of the decoder driven by the t, h, w positions (sum head_dim/2)."""
+    mrope_interleaved: bool = True
+    """Qwen3-VL's interleaved t/h/w frequencies (false: three blocks, as Qwen2-VL)."""
+    image_token_id: int = 151655
+    """Placeholder token of one merged image token."""
+    video_token_id: int = 151656
+    """Placeholder token of one merged video-frame token."""
+    vision_start_token_id: int = 151652
+    """Token that opens an image / video frame."""
+    vision_end_token_id: int = 151653
+    """Token that closes an image / video frame."""
+
+
+@dataclass
 class ModelConfig:
     """A Qwen3/Llama-shaped decoder (RoPE, RMSNorm, SwiGLU, GQA), optionally with vision."""
 
@@ -90,6 +130,8 @@ class ModelConfig:
     """Standard deviation of the random init (also the ViT's position embeddings)."""
     vision: VisionConfig | None = None
     """Set to a mapping to build the VLM; null for a text-only LM."""
+    qwen_vl: QwenVLConfig | None = None
+    """Set to a mapping to build a Qwen3-VL-shaped VLM (family qwen3); null otherwise."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Further megatron TransformerConfig fields, passed through unchanged."""
 
@@ -454,6 +496,8 @@ def validate(
                 f"model.vision.num_attention_heads: {v.num_attention_heads} must divide "
                 f"model.vision.hidden_size ({v.hidden_size}) and be divisible by parallel.tp"
             )
+    if m.qwen_vl is not None:
+        validate_qwen_vl(m, p)
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel: needs parallel.tp > 1")
     if p.cp > 1:
@@ -507,6 +551,40 @@ def validate(
     p.dp = world // per_dp
     cfg.world_size = world
     return cfg
+
+
+def validate_qwen_vl(m: ModelConfig, p: ParallelConfig) -> None:
+    q = m.qwen_vl
+    if m.vision is not None:
+        raise ConfigError("model.qwen_vl: set either model.vision (CLIP-style) or model.qwen_vl, "
+                          "not both")
+    if not m.use_qk_norm:
+        raise ConfigError("model.qwen_vl: the Qwen3-VL decoder has QK-norm; needs family qwen3 "
+                          "and qk_layernorm unset or true")
+    if len(q.mrope_section) != 3 or 2 * sum(q.mrope_section) != m.head_dim:
+        raise ConfigError(f"model.qwen_vl.mrope_section: {q.mrope_section} must be 3 numbers "
+                          f"summing to head_dim / 2 = {m.head_dim // 2}")
+    if q.hidden_size % q.num_heads or (q.hidden_size // q.num_heads) % 4:
+        raise ConfigError(f"model.qwen_vl.num_heads: {q.num_heads} must divide hidden_size "
+                          f"({q.hidden_size}) into heads of a multiple of 4 (2-D RoPE)")
+    if q.num_heads % p.tp:
+        raise ConfigError(f"parallel.tp: {p.tp} must divide model.qwen_vl.num_heads "
+                          f"({q.num_heads})")
+    if round(q.num_position_embeddings ** 0.5) ** 2 != q.num_position_embeddings:
+        raise ConfigError(f"model.qwen_vl.num_position_embeddings: {q.num_position_embeddings} "
+                          "must be a square number")
+    bad = [i for i in q.deepstack_visual_indexes if not 0 <= i < q.depth]
+    if bad:
+        raise ConfigError(f"model.qwen_vl.deepstack_visual_indexes: {bad} lie outside the "
+                          f"{q.depth} vision layers")
+    if len(q.deepstack_visual_indexes) > m.num_layers // p.pp:
+        raise ConfigError(f"parallel.pp: {p.pp} stages leave {m.num_layers // p.pp} decoder "
+                          f"layers on the first stage, but DeepStack adds vision features to "
+                          f"the first {len(q.deepstack_visual_indexes)}; use a smaller pp")
+    for k in ("patch_size", "temporal_patch_size", "spatial_merge_size", "depth",
+              "intermediate_size"):
+        if getattr(q, k) < 1:
+            raise ConfigError(f"model.qwen_vl.{k}: must be >= 1, got {getattr(q, k)}")
 
 
 def _validate_precision(cfg: RunConfig, check_device: bool) -> None:

@@ -110,52 +110,42 @@ def hf_logits(model, case: dict) -> torch.Tensor:
     return out.logits.float()
 
 
-def write_checkpoint(hf_model, out: Path) -> Path:
-    """The HF model's weights as a torch_dist checkpoint (the global tensors of our model)."""
-    from megatron_copd.checkpoint.meta import make_meta
-    from megatron_copd.checkpoint.torch_dist_writer import TorchDistWriter
-    from megatron_copd.models.conversion import mapping as mp
-    from megatron_copd.models.conversion.hf_config import _qwen3_vl_text
-    from megatron_copd.models.qwen_vl.hf_weights import mcore_tensors, qwen3_vl_maps
-    from megatron_copd.models.qwen_vl.spec import vision_spec_from_hf
+def import_checkpoint(hf_model, root: Path) -> tuple[Path, Path]:
+    """save_pretrained + tools' import: (the HF directory, the torch_dist checkpoint)."""
+    from megatron_copd.models.conversion.hf_import import import_from_hf
 
-    cfg = hf_model.config.to_dict()
-    model_cfg = _qwen3_vl_text(cfg, "config").model
-    spec = vision_spec_from_hf(cfg)
-    tensors = mcore_tensors(qwen3_vl_maps(model_cfg, spec), hf_model.state_dict())
-    with TorchDistWriter(out) as w:
-        for k, t in tensors.items():
-            w.declare_tensor(mp.MODEL_PREFIX + k, tuple(t.shape), t.dtype)
-        for k, t in tensors.items():
-            w.write_chunk(mp.MODEL_PREFIX + k, (0,) * t.dim(), t.contiguous())
-        w.write_common_state({})
-        w.meta = make_meta(model_cfg, "base", None)
-        w.commit()
-    return out
+    hf_dir = root / "hf"
+    hf_model.save_pretrained(str(hf_dir))
+    import_from_hf(hf_dir, root / "ckpt")
+    return hf_dir, root / "ckpt"
 
 
-def megatron_logits(rank, world, tp: int, pp: int, hf_cfg: dict, ckpt: str, cases: list[dict]):
-    """Load ``ckpt`` into a QwenVLModel at TP x PP and return full logits for each case."""
+def megatron_logits(rank, world, tp: int, pp: int, ckpt: str, cases: list[dict],
+                    save: str | None = None):
+    """Load ``ckpt`` into the model its meta describes at TP x PP, return full logits for each
+    case (last stage; None elsewhere); re-save the model to ``save`` when given."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron_copd.checkpoint.model_io import load_model
+    from megatron_copd.checkpoint.model_io import load_model, save_model
+    from megatron_copd.checkpoint.meta import read_meta
     from megatron_copd.config import RunConfig
-    from megatron_copd.config_base import from_dict, to_dict
-    from megatron_copd.models.conversion.hf_config import _qwen3_vl_text
-    from megatron_copd.models.qwen_vl.model import QwenVisualInputs, build_qwen_vl
+    from megatron_copd.config_base import from_dict
+    from megatron_copd.models.factory import build_model
+    from megatron_copd.models.qwen_vl.model import QwenVisualInputs
     from megatron_copd.models.qwen_vl.positions import mrope_position_ids
-    from megatron_copd.models.qwen_vl.spec import vision_spec_from_hf
     from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
     from megatron_copd.runtime.megatron_state import init_megatron_state
 
-    spec = vision_spec_from_hf(hf_cfg)
-    model_cfg = to_dict(_qwen3_vl_text(hf_cfg, "config").model)
+    meta = read_meta(ckpt)
     cfg = from_dict(RunConfig, {"branches": [{"name": "a"}], "parallel": {"tp": tp, "pp": pp},
-                                "precision": {"dtype": "fp32"}, "model": model_cfg})
+                                "precision": {"dtype": "fp32"}, "model": meta["model"]})
     groups = build_branch_groups(BranchLayout.from_world(("a",), world, tp=tp, pp=pp))
     init_megatron_state(groups, 7)
-    model = build_qwen_vl(cfg, spec, groups.pgs).eval()
+    model = build_model(cfg, groups.pgs).eval()
     load_model(model, groups.pgs, ckpt)
+    if save:
+        save_model(model, groups.pgs, save, meta)
+    spec = model.spec
     out = []
     for case in cases:
         ids, mask = case["ids"], case["mask"]

@@ -5,6 +5,8 @@ PP=2; and the refusals of what is not supported."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -15,7 +17,8 @@ from harness import run_world  # noqa: E402
 
 from megatron_copd.config import ConfigError  # noqa: E402
 from megatron_copd.models.qwen_vl.positions import mrope_position_ids  # noqa: E402
-from megatron_copd.models.qwen_vl.spec import vision_spec_from_hf  # noqa: E402
+from megatron_copd.models.qwen_vl.hf_config import qwen3_vl_from_hf  # noqa: E402
+from megatron_copd.models.qwen_vl.spec import spec_from_model  # noqa: E402
 
 CASES = ("text", "image", "two_images", "video", "mixed")
 TOL = 1e-4
@@ -23,17 +26,23 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def hf_setup(tmp_path_factory):
+    """The tiny HF model, the cases, its logits, and its import (tools' import_from_hf)."""
     cfg = F.config()
     model = F.build(cfg)
     cases = [F.make_case(n) for n in CASES]
     ref = [F.hf_logits(model, c) for c in cases]
-    ckpt = F.write_checkpoint(model, tmp_path_factory.mktemp("qwen3vl") / "ckpt")
+    root = tmp_path_factory.mktemp("qwen3vl")
+    _, ckpt = F.import_checkpoint(model, root)
     return cfg, model, cases, ref, str(ckpt)
 
 
-def _max_diff(cases, ref, got) -> dict[str, float]:
+def _spec(cfg):
+    return spec_from_model(qwen3_vl_from_hf(cfg.to_dict()).model)
+
+
+def _max_diff(names, cases, ref, got) -> dict[str, float]:
     out = {}
-    for name, c, r, g in zip(CASES, cases, ref, got):
+    for name, c, r, g in zip(names, cases, ref, got):
         real = c["mask"].bool()  # left padding: only real positions are defined
         out[name] = (r[real] - g[real]).abs().max().item()
     return out
@@ -41,7 +50,7 @@ def _max_diff(cases, ref, got) -> dict[str, float]:
 
 def test_positions_equal_transformers_rope_index(hf_setup):
     cfg, model, cases, _, _ = hf_setup
-    spec = vision_spec_from_hf(cfg.to_dict())
+    spec = _spec(cfg)
     for name, c in zip(CASES, cases):
         types = torch.zeros_like(c["ids"])
         types[c["ids"] == F.IMAGE] = 1
@@ -59,7 +68,7 @@ def test_positions_equal_transformers_rope_index(hf_setup):
 
 
 def test_position_errors():
-    spec = vision_spec_from_hf(F.config().to_dict())
+    spec = _spec(F.config())
     c = F.make_case("image")
     with pytest.raises(ValueError, match="placeholder"):
         mrope_position_ids(c["ids"], spec, torch.tensor([[1, 4, 6]]), None, c["mask"])
@@ -69,40 +78,80 @@ def test_position_errors():
 
 def test_logits_equal_transformers_tp1(hf_setup):
     cfg, _, cases, ref, ckpt = hf_setup
-    got = run_world(F.megatron_logits, 1, args=(1, 1, cfg.to_dict(), ckpt, cases))[0]
-    diffs = _max_diff(cases, ref, got)
+    got = run_world(F.megatron_logits, 1, args=(1, 1, ckpt, cases))[0]
+    diffs = _max_diff(CASES, cases, ref, got)
     assert max(diffs.values()) <= TOL, diffs
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_logits_equal_transformers_tp2_pp2(hf_setup, tp, pp):
     cfg, _, cases, ref, ckpt = hf_setup
-    out = run_world(F.megatron_logits, tp * pp, args=(tp, pp, cfg.to_dict(), ckpt, cases))
-    diffs = _max_diff(cases, ref, out[-1])
+    out = run_world(F.megatron_logits, tp * pp, args=(tp, pp, ckpt, cases))
+    diffs = _max_diff(CASES, cases, ref, out[-1])
     assert max(diffs.values()) <= TOL, diffs
     if tp == 2:
         assert all(torch.equal(a, b) for a, b in zip(out[0], out[1]))
 
 
-def test_refusals():
-    from megatron_copd.config import RunConfig
-    from megatron_copd.config_base import from_dict
-    from megatron_copd.models.qwen_vl.model import check_layout
+def _safetensors(d) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
 
-    d = F.config().to_dict()
-    d["vision_config"]["hidden_act"] = "quick_gelu"
-    with pytest.raises(ConfigError, match=r"vision_config\.hidden_act"):
-        vision_spec_from_hf(d)
-    d = F.config().to_dict()
-    d["vision_config"]["patch_size"] = [16, 16]
-    with pytest.raises(ConfigError, match=r"vision_config\.patch_size"):
-        vision_spec_from_hf(d)
-    d = F.config().to_dict()
-    d["vision_config"]["deepstack_visual_indexes"] = [0, 5]
-    with pytest.raises(ConfigError, match="deepstack_visual_indexes"):
-        vision_spec_from_hf(d)
-    spec = vision_spec_from_hf(F.config().to_dict())  # DeepStack into decoder layers 0 and 1
-    cfg = from_dict(RunConfig, {"branches": [{"name": "a"}], "parallel": {"pp": 4},
-                                "model": {"num_layers": 4}})
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_hf_round_trip_is_bit_exact(hf_setup, tmp_path):
+    from megatron_copd.models.conversion.hf_export import convert_to_hf
+
+    _, _, _, _, ckpt = hf_setup
+    src = _safetensors(Path(ckpt).parent / "hf")
+    res = convert_to_hf(ckpt, tmp_path / "out", with_tokenizer=False)
+    assert res.architecture == "Qwen3VLForConditionalGeneration"
+    back = _safetensors(tmp_path / "out")
+    src.pop("lm_head.weight", None)  # tied: transformers writes it, the export does not
+    assert sorted(back) == sorted(src)
+    assert all(torch.equal(back[k], src[k]) for k in src)
+
+
+def test_export_of_tp2_pp2_checkpoint_equals_transformers(hf_setup, tmp_path):
+    """Load the import at TP=2 x PP=2 (logits vs transformers), save it there, export that
+    checkpoint, and load the export with transformers: same logits as the original model."""
+    import transformers as T
+
+    from megatron_copd.models.conversion.hf_export import convert_to_hf
+
+    _, _, cases, ref, ckpt = hf_setup
+    resaved = tmp_path / "tp2pp2"
+    out = run_world(F.megatron_logits, 4, args=(2, 2, ckpt, cases[1:3], str(resaved)))
+    diffs = _max_diff(CASES[1:3], cases[1:3], ref[1:3], out[-1])
+    assert max(diffs.values()) <= TOL, diffs
+    convert_to_hf(resaved, tmp_path / "hf", with_tokenizer=False)
+    model = T.Qwen3VLForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()
+    for c, r in zip(cases, ref):
+        assert torch.equal(F.hf_logits(model, c), r)
+
+
+def test_refusals():
+    from megatron_copd.config import RunConfig, validate
+    from megatron_copd.config_base import from_dict, to_dict
+
+    for field, value, match in [
+        ("hidden_act", "quick_gelu", r"vision_config\.hidden_act"),
+        ("patch_size", [16, 16], r"vision_config\.patch_size"),
+        ("deepstack_visual_indexes", [0, 5], r"vision_config\.deepstack_visual_indexes"),
+        ("num_heads", 3, r"vision_config\.num_heads"),
+        ("out_hidden_size", 32, r"vision_config\.out_hidden_size"),
+    ]:
+        d = F.config().to_dict()
+        d["vision_config"][field] = value
+        with pytest.raises(ConfigError, match=match):
+            qwen3_vl_from_hf(d)
+    model = to_dict(qwen3_vl_from_hf(F.config().to_dict()).model)  # DeepStack into layers 0, 1
     with pytest.raises(ConfigError, match="parallel.pp"):
-        check_layout(cfg, spec)
+        validate(from_dict(RunConfig, {"branches": [{"name": "a"}], "parallel": {"pp": 4},
+                                       "model": model}))
+    with pytest.raises(ConfigError, match="model.qwen_vl: set either"):
+        validate(from_dict(RunConfig, {"branches": [{"name": "a"}],
+                                       "model": {**model, "vision": {}}}))

@@ -1,6 +1,7 @@
 """The one model factory: RunConfig + this rank's process groups -> a CopdModel stage.
 
-Text LM and VLM are the same class (the VLM simply has a vision tower). Layer implementations
+Text LM and VLM are the same class (the VLM simply has a vision tower); a Qwen3-VL-shaped model
+(``model.qwen_vl``) comes from its family folder, ``models/qwen_vl``. Layer implementations
 come from ``specs`` (Transformer Engine on GPU, local layers on CPU); precision and FP8 settings
 from ``precision``; all megatron groups from the branch's ProcessGroupCollection, never from
 megatron's global parallel_state.
@@ -19,6 +20,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_copd.config import RunConfig
 from megatron_copd.models import specs
 from megatron_copd.models.language_model import LanguageModel
+from megatron_copd.models.qwen_vl.model import build_qwen_vl
 from megatron_copd.models.transformer_configs import (  # noqa: F401 - re-exported
     common_kwargs,
     drop_fp8,
@@ -77,6 +79,8 @@ def build_model(
 ) -> CopdModel:
     """Build this rank's pipeline stage of the branch model (weights initialised from the RNG;
     load a checkpoint to get real weights)."""
+    if cfg.model.qwen_vl is not None:
+        return build_qwen_vl(cfg, pgs, pp_rank)
     te = specs.use_transformer_engine(cfg.precision)
     pp_rank = pgs.pp.rank() if pp_rank is None else pp_rank
     pp_size = pgs.pp.size()

@@ -10,7 +10,8 @@ Works on plain JSON mappings (no transformers import needed to convert). Support
   (``vision_feature_select_strategy: full``). An earlier feature layer than the last is
   imported by dropping the vision layers after it (their output is never used).
 
-- the language model of ``Qwen3VLForConditionalGeneration`` (``qwen3_vl``, text-only import).
+- the language model of ``Qwen3VLForConditionalGeneration`` (``qwen3_vl``, text-only import);
+  the whole Qwen3-VL is the ``models/qwen_vl`` family's (``conversion.families`` dispatches).
 
 Anything else is refused with one line naming the field and what is supported. Exporting a model
 whose ViT has no class token is refused too: HF CLIP always prepends one and every other token
@@ -31,7 +32,7 @@ from megatron_copd.config_base import ConfigError
 TEXT_ARCHS = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 LLAVA_ARCH = "LlavaForConditionalGeneration"
 SUPPORTED = ("Qwen3ForCausalLM, LlamaForCausalLM, LlavaForConditionalGeneration (CLIP + "
-             "Qwen3/Llama), the language model of Qwen3VLForConditionalGeneration")
+             "Qwen3/Llama), Qwen3VLForConditionalGeneration (dense)")
 CLIP_LN_EPS = 1e-5  # our ViT's LayerNorm epsilon (models.factory.vision_transformer_config)
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # ModelConfig.extra keys that do not change what the model computes (fusions, memory).
@@ -76,16 +77,19 @@ def model_config_from_hf(
     if model_type == "qwen3_vl":
         if not text_only:
             raise ConfigError(
-                f"{where}: model_type 'qwen3_vl' is supported for its language model only "
-                f"(--text-only): its vision tower (native-resolution ViT with 2-D RoPE, patch "
-                f"merger, DeepStack features) has no counterpart in this project's CLIP-style VLM"
+                f"{where}: model_type 'qwen3_vl': this reads its language model only "
+                f"(text_only); the whole model is read by conversion.families"
             )
         return _qwen3_vl_text(cfg, where)
-    if model_type in ("qwen3_vl_moe", "qwen2_5_vl", "qwen2_vl"):
+    if model_type == "qwen3_vl_moe":
         raise ConfigError(
-            f"{where}: model_type {model_type!r} is not supported: its vision tower and "
-            f"multimodal RoPE have no counterpart in this project's CLIP-style VLM; "
-            f"supported: {SUPPORTED}"
+            f"{where}: model_type 'qwen3_vl_moe' is not supported: its decoder is a mixture of "
+            f"experts (this project trains dense decoders); supported: {SUPPORTED}"
+        )
+    if model_type in ("qwen2_5_vl", "qwen2_vl"):
+        raise ConfigError(
+            f"{where}: model_type {model_type!r} is not supported yet (its windowed vision "
+            f"attention and block multimodal RoPE are not implemented); supported: {SUPPORTED}"
         )
     if model_type == "llava":
         if archs and archs[0] != LLAVA_ARCH:

@@ -23,7 +23,7 @@ import shutil
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,9 @@ import torch
 from megatron_copd.config import ModelConfig
 from megatron_copd.config_base import ConfigError, from_dict
 from megatron_copd.errors import CheckpointError
+from megatron_copd.models.conversion import families
 from megatron_copd.models.conversion import mapping as mp
-from megatron_copd.models.conversion.hf_config import (
-    SpecialTokens,
-    check_exportable,
-    generation_config,
-    hf_config,
-)
+from megatron_copd.models.conversion.hf_config import SpecialTokens, generation_config
 from megatron_copd.models.conversion.hf_tokenizer import TokenizerInfo, export_tokenizer
 from megatron_copd.models.conversion.safetensors_io import (
     INDEX_FILE,
@@ -184,16 +180,15 @@ def convert_to_hf(
         meta = reader.meta
         model = model_from_meta(meta, str(ckpt_dir))
         skip: tuple[str, ...] = ()
-        if text_only and model.vision is not None:
-            model = replace(model, vision=None)
-            skip = ("vision_model.", "vision_projection.")
-        check_exportable(model, f"{ckpt_dir / 'copd_meta.json'}: model")
+        if text_only:
+            model, skip = families.text_only(model)
+        where = f"{ckpt_dir / 'copd_meta.json'}: model"
+        families.check_exportable(model, where)
         prefix = detect_prefix(reader, prefix)
-        names = mp.LLAVA_NAMES if model.vision is not None else mp.TEXT_NAMES
-        maps = mp.param_maps(model, names)
+        maps = families.export_maps(model)
         keys = resolve_keys(reader, maps, prefix, skip)
         out_dtype = dtype or reader.info(keys[maps.params[0].mcore]).dtype
-        if not with_tokenizer and model.vision is not None:
+        if not with_tokenizer and families.needs_image_token(model):
             raise CheckpointError(f"{ckpt_dir}: a VLM export needs the tokenizer (its image token)")
         tok_src = resolve_tokenizer(tokenizer, ckpt_dir, meta) if with_tokenizer else None
 
@@ -209,11 +204,11 @@ def convert_to_hf(
         tmp.mkdir()
         try:
             tok = export_tokenizer(tok_src, tmp) if tok_src else TokenizerInfo("none", *[None] * 3)
-            if model.vision is not None and tok.image_token_id is None:
+            if families.needs_image_token(model) and tok.image_token_id is None:
                 raise CheckpointError(f"{tok_src}: the tokenizer has no image token")
             tokens = SpecialTokens(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,
                                    tok.image_token_id)
-            config = hf_config(model, out_dtype, tokens)
+            config = families.export_config(model, out_dtype, tokens)
             writer = ShardWriter(tmp, plan)
             try:
                 items = _work_items(maps, keys, reader, block_bytes)
@@ -230,6 +225,8 @@ def convert_to_hf(
             _write_json(tmp / "generation_config.json", generation_config(tokens))
             if model.vision is not None:
                 _write_processor(tmp, model, tok.image_token)
+            if model.qwen_vl is not None:
+                families.copy_processor_files(tok_src, tmp)
             _publish(tmp, output, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -37,12 +37,10 @@ import yaml
 from megatron_copd.config import ModelConfig
 from megatron_copd.config_base import to_dict
 from megatron_copd.errors import CheckpointError
+from megatron_copd.models.conversion import families
 from megatron_copd.models.conversion import mapping as mp
-from megatron_copd.models.conversion.hf_config import (
-    LLAVA_ARCH,
-    HFModelInfo,
-    model_config_from_hf,
-)
+from megatron_copd.models.conversion.families import model_config_from_hf
+from megatron_copd.models.conversion.hf_config import LLAVA_ARCH, HFModelInfo
 from megatron_copd.models.conversion.hf_tokenizer import copy_hf_tokenizer
 from megatron_copd.models.conversion.safetensors_io import HFCheckpoint
 
@@ -153,8 +151,9 @@ def _import(ckpt: HFCheckpoint, info: HFModelInfo, hf_dir: Path, output: Path,
     from megatron_copd.checkpoint.torch_dist_io import TorchDistWriter
 
     names = detect_names(ckpt, info, info.architecture)
-    maps = mp.param_maps(info.model, names, info.hf_vision_layers)
-    if info.model.vision is None and names.vision:  # --text-only import of a VLM
+    maps = families.import_maps(info, names)
+    is_vlm = info.model.vision is not None or info.model.qwen_vl is not None
+    if not is_vlm and names.vision:  # --text-only import of a VLM
         skipped = [re.escape(p) + ".*" for p in (names.vision, names.projector) if p]
         maps = dataclasses.replace(maps, ignored_hf=maps.ignored_hf + tuple(skipped))
     check_weights(ckpt, maps, f"{hf_dir / 'config.json'}")
@@ -180,6 +179,8 @@ def _import(ckpt: HFCheckpoint, info: HFModelInfo, hf_dir: Path, output: Path,
         writer.write_common_state({})
         tok_dir = writer.tmp / TOKENIZER_DIR
         tok = copy_hf_tokenizer(hf_dir, tok_dir, info.image_token_id)
+        if tok and info.model.qwen_vl is not None:
+            families.copy_processor_files(hf_dir, tok_dir)
         writer.meta = make_meta(
             info.model, "base", None,
             hf_source={"path": str(hf_dir.resolve()), "architecture": info.architecture,

@@ -25,11 +25,11 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megatron_copd.config import ConfigError, RunConfig
+from megatron_copd.config import RunConfig, validate_qwen_vl
 from megatron_copd.models import specs
 from megatron_copd.models.language_model import LanguageModel
 from megatron_copd.models.qwen_vl.rope import MultimodalRoPE
-from megatron_copd.models.qwen_vl.spec import QwenVisionSpec
+from megatron_copd.models.qwen_vl.spec import QwenVisionSpec, spec_from_model
 from megatron_copd.models.qwen_vl.vision import QwenVisionModel, gelu_tanh
 from megatron_copd.models.transformer_configs import common_kwargs, drop_fp8, lm_transformer_config
 from megatron_copd.models.vlm import CopdModel
@@ -178,20 +178,12 @@ def merger_config(cfg: RunConfig, spec: QwenVisionSpec, te: bool) -> Transformer
     return TransformerConfig(**kw)
 
 
-def check_layout(cfg: RunConfig, spec: QwenVisionSpec) -> None:
-    """DeepStack adds features on the first pipeline stage only."""
-    pp, layers = cfg.parallel.pp, cfg.model.num_layers
-    n_ds = len(spec.deepstack_visual_indexes)
-    if n_ds and n_ds > layers // pp:
-        raise ConfigError(f"parallel.pp: {pp} stages leave {layers // pp} decoder layers on the "
-                          f"first stage, but DeepStack adds vision features to the first {n_ds}; "
-                          "use a smaller pp")
-
-
-def build_qwen_vl(cfg: RunConfig, spec: QwenVisionSpec, pgs: ProcessGroupCollection,
+def build_qwen_vl(cfg: RunConfig, pgs: ProcessGroupCollection,
                   pp_rank: int | None = None) -> QwenVLModel:
-    """This rank's pipeline stage of a Qwen3-VL-shaped model (random init; load weights after)."""
-    check_layout(cfg, spec)
+    """This rank's pipeline stage of the ``model.qwen_vl`` model (random init; load weights
+    after)."""
+    validate_qwen_vl(cfg.model, cfg.parallel)  # e.g. DeepStack layers on the first stage
+    spec = spec_from_model(cfg.model)
     te = specs.use_transformer_engine(cfg.precision)
     pp_rank = pgs.pp.rank() if pp_rank is None else pp_rank
     pre, post = pp_rank == 0, pp_rank == pgs.pp.size() - 1
