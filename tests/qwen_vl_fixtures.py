@@ -131,7 +131,7 @@ def megatron_logits(rank, world, tp: int, pp: int, ckpt: str, cases: list[dict],
     from megatron_copd.config import RunConfig
     from megatron_copd.config_base import from_dict
     from megatron_copd.models.factory import build_model
-    from megatron_copd.models.qwen_vl.model import QwenVisualInputs
+    from megatron_copd.models.qwen_vl.media import QwenVisualInputs
     from megatron_copd.models.qwen_vl.positions import mrope_position_ids
     from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
     from megatron_copd.runtime.megatron_state import init_megatron_state
@@ -184,3 +184,68 @@ def _pipeline_forward(model, groups, ids, pos, attn, media):
         dist.send(out.contiguous(), dst=ranks[rank + 1], group=pp)
         return None
     return out
+
+
+def hf_greedy(model, case: dict, row: int, n_new: int) -> list[int]:
+    """transformers' greedy ``generate`` of one row (its real tokens and its own media)."""
+    real = case["mask"][row].bool()
+    ids = case["ids"][row][real].unsqueeze(0)
+    sub = media_of_rows(case, [row])
+    types = torch.zeros_like(ids)
+    types[ids == IMAGE] = 1
+    types[ids == VIDEO] = 2
+    kw = {k: getattr(sub, k) for k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
+                                       "video_grid_thw") if sub is not None and
+          getattr(sub, k) is not None}
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             mm_token_type_ids=types, max_new_tokens=n_new, do_sample=False,
+                             suppress_tokens=[IMAGE, VIDEO], eos_token_id=2, pad_token_id=3,
+                             **kw)
+    new = out[0, ids.shape[1]:].tolist()
+    return new[:new.index(2) + 1] if 2 in new else new
+
+
+def media_of_rows(case: dict, rows: list[int]):
+    from megatron_copd.models.qwen_vl.media import QwenVisualInputs
+    from megatron_copd.models.qwen_vl.spec import spec_from_model
+
+    media = QwenVisualInputs(case["pixel_values"], case["image_grid_thw"],
+                             case["pixel_values_videos"], case["video_grid_thw"])
+    spec = spec_from_model(_model_config())
+    seqs = [case["ids"][r][case["mask"][r].bool()].tolist() for r in range(len(case["ids"]))]
+    return media.select(media.per_sequence(seqs, spec), rows)
+
+
+def _model_config():
+    from megatron_copd.models.qwen_vl.hf_config import qwen3_vl_from_hf
+
+    return qwen3_vl_from_hf(config().to_dict()).model
+
+
+def megatron_greedy(rank, world, tp: int, pp: int, ckpt: str, case: dict, n_new: int):
+    """The project's rollout ``generate`` (KV cache, left-padded batch of all rows) at TP x PP,
+    greedy: each row's new tokens up to and including EOS (id 2)."""
+    from megatron_copd.checkpoint.model_io import load_model
+    from megatron_copd.checkpoint.meta import read_meta
+    from megatron_copd.config import RunConfig
+    from megatron_copd.config_base import from_dict
+    from megatron_copd.models.factory import build_model
+    from megatron_copd.rollout.generation import generate
+    from megatron_copd.rollout.sampling import SamplingParams
+    from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
+    from megatron_copd.runtime.megatron_state import init_megatron_state
+
+    meta = read_meta(ckpt)
+    cfg = from_dict(RunConfig, {"branches": [{"name": "a"}], "parallel": {"tp": tp, "pp": pp},
+                                "precision": {"dtype": "fp32"}, "model": meta["model"]})
+    groups = build_branch_groups(BranchLayout.from_world(("a",), world, tp=tp, pp=pp))
+    init_megatron_state(groups, 7)
+    model = build_model(cfg, groups.pgs).eval()
+    load_model(model, groups.pgs, ckpt)
+    rows = list(range(len(case["ids"])))
+    prompts = [case["ids"][r][case["mask"][r].bool()].tolist() for r in rows]
+    ro = generate(model, groups.pgs, prompts,
+                  SamplingParams(max_new_tokens=n_new, temperature=0.0, stop_ids=(2,)),
+                  pixels=media_of_rows(case, rows), pad_id=3)
+    return [ro.tokens[i, :ro.lengths[i]].tolist() for i in rows]

@@ -155,3 +155,15 @@ def test_refusals():
     with pytest.raises(ConfigError, match="model.qwen_vl: set either"):
         validate(from_dict(RunConfig, {"branches": [{"name": "a"}],
                                        "model": {**model, "vision": {}}}))
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1)])
+def test_greedy_decoding_after_media_equals_transformers_generate(hf_setup, tp, pp):
+    """16 greedy tokens through the KV cache: decode positions continue after the images /
+    video frames (token index + the row's offset), not at the token index."""
+    _, model, cases, _, ckpt = hf_setup
+    for name in ("mixed", "two_images"):
+        case = cases[CASES.index(name)]
+        ours = run_world(F.megatron_greedy, tp * pp, args=(tp, pp, ckpt, case, 16))[-1]
+        theirs = [F.hf_greedy(model, case, r, 16) for r in range(len(case["ids"]))]
+        assert ours == theirs, (name, ours, theirs)

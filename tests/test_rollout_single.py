@@ -275,7 +275,7 @@ def test_scoring_matches_full_vocab_reference(report):
         ("image_count", "pixels: 2 image(s) given but the prompts hold placeholders for 3 images"),
         ("image_partial", "not a multiple of tokens_per_image = 4"),
         ("pixels_text", "pixels: 1 image(s) given to a text-only model"),
-        ("image_in_response", "response 0: contains the image placeholder id"),
+        ("image_in_response", "response 0: contains the media placeholder id 5"),
         ("score_too_long", "sequence 0: 100 prompt + 29 response tokens = 129 exceeds"),
     ],
 )

@@ -37,6 +37,7 @@ from megatron_copd.models.precision import inference_precision
 from megatron_copd.rollout import inputs, layout
 from megatron_copd.rollout.fast_decode import FastDecoder, unsupported_reason
 from megatron_copd.rollout.pipeline import PipelineStage
+from megatron_copd.rollout.positions import DecodePositions, mrope_spec
 from megatron_copd.rollout.sampling import SamplingParams, choose_tokens, uniforms
 
 
@@ -176,6 +177,8 @@ class KVDecoder:
             if fast and unsupported_reason(model) is None
             else None
         )
+        spec = mrope_spec(model)
+        self.mrope = None if spec is None else DecodePositions(spec)
 
     def reset(self) -> None:
         self.ctx.reset()
@@ -199,7 +202,8 @@ class KVDecoder:
             b,
             self.device,
             input_ids=tokens,
-            position_ids=layout.position_ids(valid),
+            position_ids=(layout.position_ids(valid) if self.mrope is None
+                          else self.mrope.prefill(tokens, valid, pixels)),
             # No padding: megatron's own causal mask (cheaper, and what fused kernels expect).
             attention_mask=None if bool(valid.all()) else layout.attention_mask(valid),
             pixels=pixels,
@@ -217,6 +221,8 @@ class KVDecoder:
         if self.fast is not None:
             self.fast.load(self.ctx, self.length, index)
             return
+        if self.mrope is not None:
+            self.mrope.expand(index)
         n, length = index.shape[0], self.length
         for key, value in self.ctx.key_value_memory_dict.values():
             key[:length, :n] = key[:length, index]
@@ -262,7 +268,8 @@ class KVDecoder:
             b,
             self.device,
             input_ids=tokens.view(b, 1),
-            position_ids=positions.view(b, 1),
+            position_ids=(positions.view(b, 1) if self.mrope is None
+                          else self.mrope.step(positions)),
             attention_mask=key_mask,
             inference_context=self.ctx,
             runtime_gather_output=True,
@@ -337,10 +344,11 @@ def generate(
     counts = inputs.images_per_sequence(prompt_lists, pixels, facts, "prompt")
     if samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt: expected >= 1, got {samples_per_prompt}")
-    if not 0 <= pad_id < facts.vocab_size or pad_id == facts.image_token_id:
-        raise DataError(f"pad_id: {pad_id} must be a vocabulary id other than the image token")
-    if facts.image_token_id is not None and facts.image_token_id not in params.banned_ids:
-        params = dataclasses.replace(params, banned_ids=(*params.banned_ids, facts.image_token_id))
+    if not 0 <= pad_id < facts.vocab_size or pad_id in facts.media_token_ids:
+        raise DataError(f"pad_id: {pad_id} must be a vocabulary id other than a media token")
+    banned = [t for t in facts.media_token_ids if t not in params.banned_ids]
+    if banned:
+        params = dataclasses.replace(params, banned_ids=(*params.banned_ids, *banned))
 
     g = samples_per_prompt
     n = len(prompt_lists) * g

@@ -14,6 +14,8 @@ import torch
 from megatron.core.utils import unwrap_model
 
 from megatron_copd.errors import DataError
+from megatron_copd.models.qwen_vl.media import QwenVisualInputs
+from megatron_copd.models.qwen_vl.spec import QwenVisionSpec
 
 
 @dataclass(frozen=True)
@@ -23,19 +25,29 @@ class ModelFacts:
     vocab_size: int
     max_sequence_length: int
     image_token_id: int | None
-    tokens_per_image: int | None  # None: text-only model
+    tokens_per_image: int | None  # None: text-only model (or native-resolution media)
+    qwen_vl: QwenVisionSpec | None = None  # a Qwen-VL model: images / videos of any size
 
     @classmethod
     def of(cls, model) -> ModelFacts:
         m = unwrap_model(model)
         lm = m.language_model
+        spec = getattr(m, "spec", None)
         has_vision = getattr(m, "tokens_per_image", None) is not None
         return cls(
             vocab_size=lm.vocab_size,
             max_sequence_length=lm.max_sequence_length,
-            image_token_id=m.image_token_id if has_vision else None,
+            image_token_id=m.image_token_id if has_vision or spec is not None else None,
             tokens_per_image=m.tokens_per_image if has_vision else None,
+            qwen_vl=spec,
         )
+
+    @property
+    def media_token_ids(self) -> tuple[int, ...]:
+        """Placeholder ids that only media may fill (never sampled, never in a response)."""
+        if self.qwen_vl is not None:
+            return (self.qwen_vl.image_token_id, self.qwen_vl.video_token_id)
+        return () if self.image_token_id is None else (self.image_token_id,)
 
 
 def as_token_lists(seqs: Sequence[Sequence[int]] | torch.Tensor, what: str) -> list[list[int]]:
@@ -69,15 +81,11 @@ def check_tokens(
                 raise DataError(
                     f"{what} {i}: token id {tok!r} is not an integer in [0, {facts.vocab_size})"
                 )
-        if (
-            not allow_image_tokens
-            and facts.image_token_id is not None
-            and (facts.image_token_id in s)
-        ):
-            raise DataError(
-                f"{what} {i}: contains the image placeholder id {facts.image_token_id}, "
-                "which may only appear in prompts"
-            )
+        if not allow_image_tokens:
+            for tok in facts.media_token_ids:
+                if tok in s:
+                    raise DataError(f"{what} {i}: contains the media placeholder id {tok}, "
+                                    "which may only appear in prompts")
 
 
 def check_context(prompt_lens: list[int], extra: int, facts: ModelFacts, what: str) -> None:
@@ -108,7 +116,10 @@ def images_per_sequence(
     seqs: list[list[int]], pixels: torch.Tensor | None, facts: ModelFacts, what: str
 ) -> list[int]:
     """Count the images each sequence holds (from its placeholders) and check them against
-    ``pixels [n_images, 3, H, W]`` (batch-major: all of sequence 0's images, then 1's...)."""
+    ``pixels [n_images, 3, H, W]`` (batch-major: all of sequence 0's images, then 1's...).
+    A Qwen-VL model takes a :class:`QwenVisualInputs` and gets (images, videos) per sequence."""
+    if facts.qwen_vl is not None or isinstance(pixels, QwenVisualInputs):
+        return _media_per_sequence(seqs, pixels, facts, what)
     n_given = 0 if pixels is None else int(pixels.shape[0])
     if pixels is not None and pixels.dim() != 4:
         raise DataError(f"pixels: expected [n_images, 3, H, W], got shape {list(pixels.shape)}")
@@ -134,6 +145,22 @@ def images_per_sequence(
     return counts
 
 
+def _media_per_sequence(seqs, media, facts: ModelFacts, what: str) -> list:
+    if facts.qwen_vl is None:
+        raise DataError("pixels: Qwen-VL media (QwenVisualInputs) given to a model without a "
+                        "Qwen-VL vision tower")
+    if media is None:
+        media = QwenVisualInputs()
+    elif not isinstance(media, QwenVisualInputs):
+        raise DataError(f"pixels: a Qwen-VL model takes QwenVisualInputs (the HF processor's "
+                        f"pixel_values / grids), got {type(media).__name__}")
+    try:
+        return media.per_sequence(seqs, facts.qwen_vl)
+    except ValueError as e:
+        raise DataError(f"{what} {e}" if str(e).startswith("sequence") else f"pixels: {e}"
+                        ) from None
+
+
 def image_offsets(counts: list[int]) -> list[int]:
     out, acc = [], 0
     for c in counts:
@@ -146,6 +173,8 @@ def select_images(
     pixels: torch.Tensor | None, counts: list[int], rows: Sequence[int]
 ) -> torch.Tensor | None:
     """Images of ``rows`` (indices into the sequences ``counts`` describes), batch-major."""
+    if isinstance(pixels, QwenVisualInputs):
+        return pixels.select(counts, rows)
     if pixels is None or not any(counts[r] for r in rows):
         return None
     offsets = image_offsets(counts)

@@ -15,8 +15,6 @@ on the first pipeline stage (where the vision tower is).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
@@ -28,25 +26,12 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron_copd.config import RunConfig, validate_qwen_vl
 from megatron_copd.models import specs
 from megatron_copd.models.language_model import LanguageModel
+from megatron_copd.models.qwen_vl.media import QwenVisualInputs
 from megatron_copd.models.qwen_vl.rope import MultimodalRoPE
 from megatron_copd.models.qwen_vl.spec import QwenVisionSpec, spec_from_model
 from megatron_copd.models.qwen_vl.vision import QwenVisionModel, gelu_tanh
 from megatron_copd.models.transformer_configs import common_kwargs, drop_fp8, lm_transformer_config
 from megatron_copd.models.vlm import CopdModel
-
-
-@dataclass
-class QwenVisualInputs:
-    """What the HF processor returns for the media of a batch (any of them may be None)."""
-
-    pixel_values: torch.Tensor | None = None
-    image_grid_thw: torch.Tensor | None = None
-    pixel_values_videos: torch.Tensor | None = None
-    video_grid_thw: torch.Tensor | None = None
-
-    def numel(self) -> int:
-        return sum(x.numel() for x in (self.pixel_values, self.pixel_values_videos)
-                   if x is not None)
 
 
 class DeepStackLayer(TransformerLayer):
