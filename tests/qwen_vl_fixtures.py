@@ -249,3 +249,60 @@ def megatron_greedy(rank, world, tp: int, pp: int, ckpt: str, case: dict, n_new:
                   SamplingParams(max_new_tokens=n_new, temperature=0.0, stop_ids=(2,)),
                   pixels=media_of_rows(case, rows), pad_id=3)
     return [ro.tokens[i, :ro.lengths[i]].tolist() for i in rows]
+
+
+def megatron_exchange(rank, world, pp: int, ckpt: str, case: dict):
+    """Two branches (same weights) at PP=pp: each samples 2 responses per row of ``case``
+    with its media, scores them locally (``score_responses``) and has the peer score them
+    through ``score_edges`` (prompts, grids and patch rows cross branches). On the last stage:
+    the samples, the rollout's, the local and the peer's log-probs."""
+    from megatron_copd.checkpoint.model_io import load_model
+    from megatron_copd.checkpoint.meta import read_meta
+    from megatron_copd.config import RunConfig
+    from megatron_copd.config_base import from_dict
+    from megatron_copd.models.factory import build_model
+    from megatron_copd.rollout.exchange import Edge, score_edges
+    from megatron_copd.rollout.generation import generate
+    from megatron_copd.rollout.sampling import SamplingParams
+    from megatron_copd.rollout.scoring import score_responses
+    from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
+    from megatron_copd.runtime.megatron_state import init_megatron_state
+
+    meta = read_meta(ckpt)
+    names = ("a", "b")
+    cfg = from_dict(RunConfig, {"branches": [{"name": n} for n in names],
+                                "parallel": {"pp": pp}, "precision": {"dtype": "fp32"},
+                                "model": meta["model"]})
+    g = build_branch_groups(BranchLayout.from_world(names, world, tp=1, pp=pp))
+    init_megatron_state(g, 7)
+    model = build_model(cfg, g.pgs).eval()
+    load_model(model, g.pgs, ckpt, process_group=g.branch_group)
+    rows = list(range(len(case["ids"])))
+    prompts = [case["ids"][r][case["mask"][r].bool()].tolist() for r in rows]
+    ro = generate(model, g.pgs, prompts,
+                  SamplingParams(max_new_tokens=6, temperature=1.0, seed=11 + g.branch),
+                  pixels=media_of_rows(case, rows), samples_per_prompt=2, pad_id=3)
+    local = score_responses(model, g.pgs, ro.sample_prompts(), ro.responses(),
+                            pixels=ro.sample_pixels(), pad_id=3)
+    other = 1 - g.branch
+    got = score_edges(model, g, [(0, 1), (1, 0)], {Edge(g.branch, other): ro}, pad_id=3)
+    if not g.is_last_stage:
+        return None
+    peer = got[Edge(g.branch, other)].logprobs
+    return {"prompts": ro.sample_prompts(), "responses": ro.responses(),
+            "rollout": ro.logprobs, "local": local.logprobs, "peer": peer,
+            "lengths": ro.lengths, "index": ro.prompt_index}
+
+
+def hf_response_logprobs(model, case: dict, row: int, response: list[int]) -> torch.Tensor:
+    """transformers' log-probs of ``response`` after row ``row``'s prompt and media."""
+    real = case["mask"][row].bool()
+    prompt = case["ids"][row][real]
+    ids = torch.cat([prompt, torch.tensor(response)]).unsqueeze(0)
+    sub = media_of_rows(case, [row])
+    one = {"ids": ids, "mask": torch.ones_like(ids),
+           **{k: None if sub is None else getattr(sub, k) for k in
+              ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")}}
+    logp = torch.log_softmax(hf_logits(model, one)[0], dim=-1)
+    p = prompt.numel()
+    return logp[p - 1:p - 1 + len(response)].gather(1, torch.tensor(response)[:, None])[:, 0]

@@ -167,3 +167,20 @@ def test_greedy_decoding_after_media_equals_transformers_generate(hf_setup, tp, 
         ours = run_world(F.megatron_greedy, tp * pp, args=(tp, pp, ckpt, case, 16))[-1]
         theirs = [F.hf_greedy(model, case, r, 16) for r in range(len(case["ids"]))]
         assert ours == theirs, (name, ours, theirs)
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_scoring_and_cross_branch_teacher_scoring_with_media(hf_setup, pp):
+    """Sampled responses after images / video: the rollout's log-probs, local scoring and the
+    peer branch's scoring through score_edges (same weights) agree, and equal transformers'."""
+    _, model, cases, _, ckpt = hf_setup
+    case = cases[CASES.index("mixed")]
+    out = [r for r in run_world(F.megatron_exchange, 2 * pp, args=(pp, ckpt, case)) if r]
+    assert len(out) == 2  # one last stage per branch
+    for r in out:
+        for i, resp in enumerate(r["responses"]):
+            n = len(resp)
+            theirs = F.hf_response_logprobs(model, case, int(r["index"][i]), resp)
+            for name in ("rollout", "local", "peer"):
+                diff = (r[name][i, :n] - theirs).abs().max().item()
+                assert diff <= TOL, (name, i, diff)

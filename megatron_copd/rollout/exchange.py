@@ -10,10 +10,13 @@ has a peer ``BranchLayout.peer(r, teacher)`` at the same (tp, dp, pp) position. 
 peers cross branches (TP partners get the data by a broadcast inside their branch, usually
 inside a node), and only what is needed travels:
 
-1. request header (8 x int64): counts and image shape — student stage ``s`` -> teacher stage ``s``;
+1. request header (10 x int64): counts and image shape — student stage ``s`` -> teacher stage
+   ``s``;
 2. request payload: one int32 tensor with the unique prompts (ragged), each sample's prompt
-   index, response lengths and response tokens; the prompts' pixels go to the first stage only
-   (the vision tower lives there);
+   index, response lengths and response tokens (and a Qwen-VL model's image / video grids, which
+   every stage needs for the 3-D positions); the prompts' pixels go to the first stage only
+   (the vision tower lives there): ``[n, 3, H, W]`` images, or a Qwen-VL model's patch rows
+   ``[rows, patch_dim]`` (images' then videos');
 3. every teacher rank (whole TP x PP pipeline) scores through megatron's forward-only schedule;
 4. reply: teacher last stage -> student last stage, response positions only (``sum(lengths)``
    entries): float32 log-probs, top-k ids as int16 when the vocabulary fits (else int32),
@@ -38,13 +41,16 @@ import torch
 import torch.distributed as dist
 
 from megatron_copd.errors import UserError
+from megatron_copd.models.qwen_vl.media import QwenVisualInputs
 from megatron_copd.rollout import inputs, layout
 from megatron_copd.rollout.generation import Rollout, model_device
 from megatron_copd.rollout.scoring import ScoreSpec, score_packed
 from megatron_copd.runtime.branches import BranchGroups
 from megatron_copd.runtime.distributed import batch_p2p
 
-_HEADER = 8  # n_prompts, n_samples, n_prompt_tokens, n_response_tokens, n_images, H, W, dtype
+# n_prompts, n_samples, n_prompt_tokens, n_response_tokens, n_images (or patch rows), H (or
+# patch_dim), W (0: patch rows), dtype, n_image_grids, n_video_grids
+_HEADER = 10
 _PIXEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)
 _WARM_GROUPS: set[int] = set()
 TEACHER_SPEC = ScoreSpec(topk=10, entropy=False)
@@ -154,12 +160,22 @@ class _Request:
                 resp.to(torch.int32),
             ]
         )
-        pix = ro.pixels
+        pix, grids = ro.pixels, (0, 0)
+        if isinstance(pix, QwenVisualInputs):
+            image_g, video_g = pix.image_grid_thw, pix.video_grid_thw
+            grids = (0 if image_g is None else len(image_g), 0 if video_g is None else len(video_g))
+            flat = [g.reshape(-1) for g in (image_g, video_g) if g is not None]
+            ints = torch.cat([ints, *(g.to(device=device, dtype=torch.int32) for g in flat)])
+            rows = [v for v in (pix.pixel_values, pix.pixel_values_videos) if v is not None]
+            pix = torch.cat(rows) if rows else None
         n_img = 0 if pix is None else pix.shape[0]
-        h, w = (pix.shape[2], pix.shape[3]) if n_img else (0, 0)
+        h, w = (pix.shape[-2], pix.shape[-1]) if n_img and pix.dim() == 4 else (0, 0)
+        if n_img and pix.dim() == 2:  # Qwen-VL patch rows
+            h = pix.shape[1]
         code = _PIXEL_DTYPES.index(pix.dtype) if n_img else 0
         header = torch.tensor(
-            [len(ro.prompts), ro.num_samples, len(flat_prompts), resp.numel(), n_img, h, w, code],
+            [len(ro.prompts), ro.num_samples, len(flat_prompts), resp.numel(), n_img, h, w, code,
+             *grids],
             dtype=torch.int64,
             device=device,
         )
@@ -168,12 +184,27 @@ class _Request:
     @staticmethod
     def ints_size(header: torch.Tensor) -> int:
         n_p, n_s, n_pt, n_rt = (int(x) for x in header[:4])
-        return n_p + 2 * n_s + n_pt + n_rt
+        return n_p + 2 * n_s + n_pt + n_rt + 3 * int(header[8] + header[9])
 
     @staticmethod
     def pixel_shape(header: torch.Tensor) -> tuple[list[int], torch.dtype]:
         n_img, h, w, code = (int(x) for x in header[4:8])
-        return [n_img, 3, h, w], _PIXEL_DTYPES[code]
+        return ([n_img, 3, h, w] if w else [n_img, h]), _PIXEL_DTYPES[code]
+
+    def media(self):
+        """The prompts' media as the model takes them: the image tensor, or a Qwen-VL model's
+        QwenVisualInputs (grids on every stage, patch rows where they were sent)."""
+        n_ig, n_vg = int(self.header[8]), int(self.header[9])
+        if not n_ig and not n_vg:
+            return self.pixels
+        grids = self.ints[self.ints.numel() - 3 * (n_ig + n_vg):].long().view(-1, 3)
+        image_g, video_g = grids[:n_ig], grids[n_ig:]
+        values = videos = None
+        if self.pixels is not None:
+            split = int(image_g.prod(-1).sum())
+            values, videos = self.pixels[:split], self.pixels[split:]
+        return QwenVisualInputs(values if n_ig else None, image_g if n_ig else None,
+                                videos if n_vg else None, video_g if n_vg else None)
 
     def unpack(self) -> tuple[list[list[int]], list[int], list[list[int]]]:
         """-> unique prompts, sample -> prompt index, responses."""
@@ -391,10 +422,14 @@ def _score_request(
     prompts, index, responses = req.unpack()
     rows = [prompts[i] for i in index]
     batch = layout.pack(rows, responses, pad_id=pad_id)
-    counts = [0] * len(prompts)
-    if facts.tokens_per_image and facts.image_token_id is not None:
+    media = req.media()
+    if facts.qwen_vl is not None:
+        counts = inputs.images_per_sequence(prompts, media, facts, "prompt")
+    elif facts.tokens_per_image and facts.image_token_id is not None:
         counts = [p.count(facts.image_token_id) // facts.tokens_per_image for p in prompts]
-    pixels = inputs.select_images(req.pixels, counts, index) if req.pixels is not None else None
+    else:
+        counts = [0] * len(prompts)
+    pixels = inputs.select_images(media, counts, index) if media is not None else None
     spec = ctx.spec
     scores = score_packed(
         model,

@@ -161,6 +161,17 @@ def _media_per_sequence(seqs, media, facts: ModelFacts, what: str) -> list:
                         ) from None
 
 
+def concat_media(items: Sequence) -> torch.Tensor | QwenVisualInputs | None:
+    """The media of several rows / batches in order (None entries skipped): image tensors
+    ``[n, 3, H, W]`` concatenated, or one :class:`QwenVisualInputs`."""
+    items = [m for m in items if m is not None]
+    if not items:
+        return None
+    if isinstance(items[0], QwenVisualInputs):
+        return QwenVisualInputs.cat(items)
+    return torch.cat(items)
+
+
 def image_offsets(counts: list[int]) -> list[int]:
     out, acc = [], 0
     for c in counts:

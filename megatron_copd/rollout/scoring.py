@@ -28,6 +28,7 @@ from megatron.core.utils import get_model_config, unwrap_model
 
 from megatron_copd.models.precision import inference_precision, inference_width_multiple
 from megatron_copd.rollout import inputs, layout
+from megatron_copd.rollout.positions import mrope_spec, position_ids
 from megatron_copd.rollout import vocab_parallel as vp
 from megatron_copd.rollout.generation import model_device
 
@@ -148,6 +149,10 @@ def score_packed(
         min=0
     )
     positions = torch.arange(width, device=device).expand(mb, width)
+    three_d = mrope_spec(model) is not None  # positions depend on the media (Qwen-VL)
+    lengths = torch.zeros(num_mb * mb, dtype=torch.long, device=device)
+    lengths[:n] = batch.valid.sum(dim=1)
+    valid = torch.arange(width, device=device)[None, :] < lengths[:, None]
     counts = list(images_per_row) if images_per_row is not None else [0] * n
     if pixels is not None:
         pixels = pixels.to(device)
@@ -155,13 +160,15 @@ def score_packed(
     for i in range(num_mb):
         rows = slice(i * mb, (i + 1) * mb)
         real_rows = range(i * mb, min((i + 1) * mb, n))
+        media = inputs.select_images(pixels, counts, real_rows)
         micro_batches.append(
             {
                 "tokens": tokens[rows],
                 "labels": labels[rows],
                 "cols": cols[rows],
-                "position_ids": positions,
-                "pixels": inputs.select_images(pixels, counts, real_rows),
+                "position_ids": (position_ids(model, tokens[rows], valid[rows], media)
+                                 if three_d else positions),
+                "pixels": media,
             }
         )
     forward_backward = get_forward_backward_func(pp_size=pgs.pp.size(), vp_size=None)

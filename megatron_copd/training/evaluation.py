@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_copd.data.prompting import encode_prompt
+from megatron_copd.rollout import inputs
 from megatron_copd.rollout.generation import generate
 from megatron_copd.rollout.sampling import SamplingParams
 
@@ -51,7 +52,7 @@ def evaluate_domain(cfg, groups, model, tokenizer, rewards, records, encode_cach
             [e.token_ids for e in enc],
             SamplingParams(max_new_tokens=cfg.grpo.max_new_tokens, temperature=0.0,
                            stop_ids=stop),
-            pixels=torch.cat(pixels) if pixels else None,
+            pixels=inputs.concat_media(pixels),
             kv_batch_size=batch,
             pad_id=tokenizer.pad_id,
         )

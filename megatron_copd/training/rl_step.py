@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,9 @@ from megatron_copd.algorithms.opd import mopd_advantages, opd_advantages
 from megatron_copd.algorithms.overlap import symmetric_kl_estimate, topk_overlap
 from megatron_copd.data.prompting import EncodedPrompt, encode_prompt
 from megatron_copd.models.precision import sequence_multiple
+from megatron_copd.rollout import inputs
 from megatron_copd.rollout.exchange import score_edges
+from megatron_copd.rollout.positions import position_ids
 from megatron_copd.rollout.scoring import ScoreSpec
 from megatron_copd.rollout.generation import Rollout, generate
 from megatron_copd.rollout.sampling import SamplingParams, derive_seed
@@ -92,7 +95,7 @@ class RLStep:
             self.ctx.groups.pgs,
             [e.token_ids for e in enc],
             params,
-            pixels=torch.cat(pixels) if pixels else None,
+            pixels=inputs.concat_media(pixels),
             samples_per_prompt=samples,
             kv_batch_size=g.rollout_batch_size,
             pad_id=self.pad_id,
@@ -206,7 +209,8 @@ class RLStep:
         if trains and len(samples):
             t1 = time.perf_counter()
             batches, seq_len = build_micro_batches(
-                samples, g.micro_batch_size, self.pad_id, pad_to=sequence_multiple(cfg)
+                samples, g.micro_batch_size, self.pad_id, pad_to=sequence_multiple(cfg),
+                positions=partial(position_ids, self.ctx.branch.model),
             )
             result = self.ctx.branch.train_step(batches, self.loss_fn, seq_len)
             metrics.update(result.metrics)

@@ -9,6 +9,7 @@ through the same clipped surrogate in the same batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -49,10 +50,14 @@ class SampleSet:
 
 
 def build_micro_batches(
-    samples: SampleSet, micro_batch_size: int, pad_id: int, pad_to: int = 1
+    samples: SampleSet, micro_batch_size: int, pad_id: int, pad_to: int = 1,
+    positions: Callable | None = None,
 ) -> tuple[list[dict], int]:
     """Pack every sample at one width and cut into equal micro-batches (megatron's pipeline
-    schedule needs one shape); the last one is filled with empty rows that carry no loss."""
+    schedule needs one shape); the last one is filled with empty rows that carry no loss.
+    ``positions(tokens, valid, media)``: the model's position ids (default: the token index
+    from each row's first real token; a Qwen-VL model's 3-D ids via
+    ``rollout.positions.position_ids``)."""
     packed = layout.pack(samples.prompts, samples.responses, pad_id=pad_id)
     n, t = packed.tokens.shape
     t = math.ceil(t / pad_to) * pad_to
@@ -75,16 +80,17 @@ def build_micro_batches(
     out = []
     for b in range(rows // mb):
         sl = slice(b * mb, (b + 1) * mb)
-        pix = [p for p in samples.pixels[b * mb : min((b + 1) * mb, n)] if p is not None]
+        media = inputs.concat_media(samples.pixels[b * mb : min((b + 1) * mb, n)])
         v = valid[sl]
         out.append({
             "tokens": tokens[sl],
             "labels": labels[sl],
-            "position_ids": layout.position_ids(v),
+            "position_ids": (layout.position_ids(v) if positions is None
+                             else positions(tokens[sl], v, media)),
             "attention_mask": layout.attention_mask(v),
             "loss_mask": loss_mask[sl].float(),
             "old_logp": old_logp[sl],
             "advantages": adv[sl],
-            "pixels": torch.cat(pix) if pix else None,
+            "pixels": media,
         })
     return out, t

@@ -29,6 +29,15 @@ class QwenVisualInputs:
         return sum(x.numel() for x in (self.pixel_values, self.pixel_values_videos)
                    if x is not None)
 
+    @classmethod
+    def cat(cls, items: Sequence[QwenVisualInputs]) -> QwenVisualInputs:
+        """The media of several batches, one after another."""
+        parts = []
+        for field in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+            got = [getattr(m, field) for m in items if getattr(m, field) is not None]
+            parts.append(torch.cat(got) if got else None)
+        return cls(*parts)
+
     def to(self, device) -> QwenVisualInputs:
         return QwenVisualInputs(*(None if x is None else x.to(device) for x in (
             self.pixel_values, self.image_grid_thw, self.pixel_values_videos,
@@ -73,11 +82,15 @@ class QwenVisualInputs:
             if not pick:
                 parts += [None, None]
                 continue
+            chosen = grid[torch.tensor(pick, device=grid.device)]
+            if values is None:  # grids only (a later pipeline stage: positions need no pixels)
+                parts += [None, chosen]
+                continue
             patches = grid.prod(-1).tolist()
             offsets = [sum(patches[:i]) for i in range(len(patches))]
             idx = torch.cat([torch.arange(offsets[i], offsets[i] + patches[i]) for i in pick])
-            parts += [values[idx.to(values.device)], grid[torch.tensor(pick)]]
-        return None if parts[0] is None and parts[2] is None else QwenVisualInputs(*parts)
+            parts += [values[idx.to(values.device)], chosen]
+        return None if parts[1] is None and parts[3] is None else QwenVisualInputs(*parts)
 
 
 def _tokens_per_item(grid: torch.Tensor | None, spec: QwenVisionSpec) -> list[int]:
