@@ -112,7 +112,7 @@ def main() -> None:
         same = correct_m = correct_h = 0
         t_m = t_h = 0.0
         for r in records:
-            enc = encode_prompt(r, tok, cfg.model.vision, cfg.data.max_prompt_tokens)
+            enc = encode_prompt(r, tok, cfg.model.vision_side, cfg.data.max_prompt_tokens)
             t = time.perf_counter()
             a = megatron_greedy(mine, enc.token_ids, enc.pixels, max_new, tok.eos_id)
             t_m += time.perf_counter() - t

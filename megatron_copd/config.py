@@ -94,6 +94,12 @@ class QwenVLConfig:
     """Token that opens an image / video frame."""
     vision_end_token_id: int = 151653
     """Token that closes an image / video frame."""
+    min_pixels: int = 65536
+    """Images with fewer pixels are enlarged (aspect kept) by the image processor."""
+    max_pixels: int = 16777216
+    """Pixel budget per image: a larger image is refused (one line naming the record)."""
+    max_frames: int = 32
+    """Frames sampled evenly from a video (padded to a multiple of temporal_patch_size)."""
 
 
 @dataclass
@@ -138,6 +144,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def vision_side(self) -> VisionConfig | QwenVLConfig | None:
+        """The vision tower's config, whichever kind it is (None: text-only)."""
+        return self.vision if self.vision is not None else self.qwen_vl
 
     @property
     def use_qk_norm(self) -> bool:
@@ -581,8 +592,11 @@ def validate_qwen_vl(m: ModelConfig, p: ParallelConfig) -> None:
         raise ConfigError(f"parallel.pp: {p.pp} stages leave {m.num_layers // p.pp} decoder "
                           f"layers on the first stage, but DeepStack adds vision features to "
                           f"the first {len(q.deepstack_visual_indexes)}; use a smaller pp")
+    if not 0 < q.min_pixels <= q.max_pixels:
+        raise ConfigError(f"model.qwen_vl.min_pixels: {q.min_pixels} must be in "
+                          f"[1, max_pixels = {q.max_pixels}]")
     for k in ("patch_size", "temporal_patch_size", "spatial_merge_size", "depth",
-              "intermediate_size"):
+              "intermediate_size", "max_frames"):
         if getattr(q, k) < 1:
             raise ConfigError(f"model.qwen_vl.{k}: must be >= 1, got {getattr(q, k)}")
 

@@ -74,7 +74,9 @@ def _resolve(path: str, base_dir: str | os.PathLike | None) -> Path:
     return p if base_dir is None or p.is_absolute() else Path(base_dir) / p
 
 
-def _decode_video_file(path: Path, image_size: int, max_frames: int) -> list[Image.Image]:
+def _decode_video_file(path: Path, image_size: int | None, max_frames: int) -> list[Image.Image]:
+    """Evenly sampled frames of a video file, resized to ``image_size`` squared (None: as
+    they are)."""
     if not path.is_file():
         raise DataError(f"{path}: video file not found")
     try:
@@ -85,14 +87,21 @@ def _decode_video_file(path: Path, image_size: int, max_frames: int) -> list[Ima
             f"(or give the video as a list of frame images)"
         ) from None
     try:
+        # Two passes (count, then convert only the sampled frames), so a long video never
+        # holds more than max_frames pictures in memory.
         with av.open(str(path)) as container:
-            # Shrink while decoding so a long video never holds full-size frames in memory.
-            frames = [
-                f.to_image().convert("RGB").resize((image_size, image_size), Image.BICUBIC)
-                for f in container.decode(video=0)
-            ]
+            n = sum(1 for _ in container.decode(video=0))
+        if not n:
+            raise DataError(f"{path}: video has no frames")
+        keep = set(sample_frame_indices(n, max_frames))
+        frames = []
+        with av.open(str(path)) as container:
+            for i, f in enumerate(container.decode(video=0)):
+                if i in keep:
+                    img = f.to_image().convert("RGB")
+                    if image_size is not None:
+                        img = img.resize((image_size, image_size), Image.BICUBIC)
+                    frames.append(img)
     except (av.FFmpegError, ValueError, OSError) as e:
         raise DataError(f"{path}: cannot decode video: {e}") from None
-    if not frames:
-        raise DataError(f"{path}: video has no frames")
-    return [frames[i] for i in sample_frame_indices(len(frames), max_frames)]
+    return frames

@@ -25,10 +25,12 @@ from typing import Any
 
 import torch
 
-from megatron_copd.config import VisionConfig
+from megatron_copd.config import QwenVLConfig, VisionConfig
 from megatron_copd.data import media
 from megatron_copd.data.tokenizer import Tokenizer
 from megatron_copd.errors import DataError
+from megatron_copd.models.qwen_vl import processing as qwen_processing
+from megatron_copd.models.qwen_vl.media import QwenVisualInputs
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
@@ -38,12 +40,15 @@ _SPLIT = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLD
 @dataclass
 class EncodedPrompt:
     token_ids: list[int]
-    pixels: torch.Tensor | None
-    """``[n_images, 3, H, W]`` normalised, in placeholder order; None for a text-only prompt."""
+    pixels: torch.Tensor | QwenVisualInputs | None
+    """``[n_images, 3, H, W]`` normalised, in placeholder order (a Qwen-VL model: the image
+    processor's patch rows and grids); None for a text-only prompt."""
     record: Any
 
     @property
     def num_images(self) -> int:
+        if isinstance(self.pixels, QwenVisualInputs):
+            return len(self.pixels.image_grid_thw)
         return 0 if self.pixels is None else int(self.pixels.shape[0])
 
 
@@ -73,11 +78,15 @@ def _get(record: Any, name: str, default: Any = None) -> Any:
 def encode_prompt(
     record: Any,
     tokenizer: Tokenizer,
-    vision: VisionConfig | None,
+    vision: VisionConfig | QwenVLConfig | None,
     max_prompt_tokens: int,
     base_dir: str | os.PathLike | None = None,
 ) -> EncodedPrompt:
     """Encode one prompt record (a PromptRecord or a dict with the same fields).
+
+    ``vision``: the model's vision side (``ModelConfig.vision_side``): a CLIP-style tower, a
+    Qwen-VL one (``models.qwen_vl.processing``: native resolution, its chat-template tokens), or
+    None for a text-only model.
 
     ``base_dir`` resolves relative media paths (records loaded from a file usually carry paths
     already resolved against the file's directory). Errors are one-line DataErrors naming the
@@ -116,6 +125,9 @@ def encode_prompt(
             f"has {len(images)} image(s){' and a video' if video else ''} but the model "
             f"has no vision encoder (model.vision is null)"
         )
+    if isinstance(vision, QwenVLConfig):
+        return _encode_qwen_vl(record, parts, images, video, tokenizer, vision,
+                               max_prompt_tokens, base_dir, fail)
     if (images or video) and tokenizer.image_token_id is None:
         raise fail("has images but the tokenizer has no image placeholder token")
 
@@ -184,6 +196,37 @@ def encode_prompt(
             pictures.append(video_pixels)
     pixels = torch.cat(pictures) if pictures else None
     return EncodedPrompt(token_ids=ids, pixels=pixels, record=record)
+
+
+def _encode_qwen_vl(record, parts, images, video, tokenizer: Tokenizer, q: QwenVLConfig,
+                    max_prompt_tokens: int, base_dir, fail) -> EncodedPrompt:
+    pics = qwen_processing.encode_images([media._resolve(p, base_dir) for p in images], q, fail)
+    if video:
+        if isinstance(video, str):
+            frames = _load(fail, "video", media._decode_video_file,
+                           media._resolve(video, base_dir), None, q.max_frames)
+        else:
+            idx = media.sample_frame_indices(len(video), q.max_frames)
+            frames = [qwen_processing.open_image(media._resolve(video[i], base_dir),
+                                                 f"video[{i}]", q, fail) for i in idx]
+        clip = qwen_processing.encode_video(frames, q, fail)
+        pics = clip if pics is None else QwenVisualInputs.cat([pics, clip])
+    media_ids = {q.image_token_id, q.video_token_id, q.vision_start_token_id,
+                 q.vision_end_token_id}
+
+    def encode(text: str) -> list[int]:
+        ids = tokenizer.encode(text)
+        if media_ids.intersection(ids):
+            raise fail(f"prompt: contains a vision token of the tokenizer as text; use "
+                       f"{IMAGE_PLACEHOLDER}")
+        return ids
+
+    ids = qwen_processing.prompt_ids(parts, pics, q, encode, tokenizer.bos_id)
+    if len(ids) > max_prompt_tokens:
+        n_visual = sum(1 for t in ids if t == q.image_token_id)
+        raise fail(f"prompt: {len(ids)} tokens (incl. {n_visual} image tokens) exceed "
+                   f"max_prompt_tokens={max_prompt_tokens}")
+    return EncodedPrompt(token_ids=ids, pixels=pics, record=record)
 
 
 def _load(fail, field: str, fn, *args):

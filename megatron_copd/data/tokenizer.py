@@ -69,13 +69,18 @@ class Tokenizer:
         return self.backend.detokenize(kept)
 
     def _single_id(self, token: str) -> int:
-        ids = [i for i in self.encode(token) if i != self._space_id()]
+        ids = self.special_ids(token)
         if len(ids) != 1:
             raise DataError(
                 f"tokenizer {self.backend.path}: image token {token!r} encodes to {len(ids)} "
                 f"ids; it must be a single special token of the vocabulary"
             )
         return int(ids[0])
+
+    def special_ids(self, token: str) -> list[int]:
+        """Ids of a special token's text (SentencePiece's word-boundary piece left out): one id
+        when the vocabulary has it as a token."""
+        return [i for i in self.encode(token) if i != self._space_id()]
 
     def _space_id(self) -> int | None:
         # SentencePiece prefixes every text with a word-boundary piece; ignore it when checking

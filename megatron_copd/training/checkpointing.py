@@ -110,8 +110,12 @@ class CheckpointManager:
         *,
         base_fingerprint: str | None = None,
         sync_group=None,
+        tokenizer_dir: str | os.PathLike | None = None,
     ) -> None:
         self.root = Path(run_dir) / "checkpoints"
+        # Recorded in every checkpoint (and so in the merged one): the export needs no
+        # --tokenizer for a run's own checkpoints.
+        self.tokenizer_dir = None if tokenizer_dir is None else str(Path(tokenizer_dir).resolve())
         self.groups = groups
         self.cfg = cfg
         self.ccfg = cfg.checkpoint
@@ -182,6 +186,7 @@ class CheckpointManager:
             "optimizer_format": optimizer_format(branch_model),
             "precision": str(branch_model.config.params_dtype).replace("torch.", ""),
             "base_fingerprint": self.base_fingerprint,
+            "tokenizer": self.tokenizer_dir,
             "saved_at": datetime.datetime.now(datetime.UTC).isoformat(),
         }
 

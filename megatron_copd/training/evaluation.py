@@ -42,7 +42,7 @@ def evaluate_domain(cfg, groups, model, tokenizer, rewards, records, encode_cach
             key = (r.domain, r.id)
             if key not in cache:
                 cache[key] = encode_prompt(
-                    r, tokenizer, cfg.model.vision, cfg.data.max_prompt_tokens
+                    r, tokenizer, cfg.model.vision_side, cfg.data.max_prompt_tokens
                 )
             enc.append(cache[key])
         pixels = [e.pixels for e in enc if e.pixels is not None]

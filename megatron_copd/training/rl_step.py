@@ -72,8 +72,9 @@ class RLStep:
         for r in records:
             key = (r.domain, r.id)
             if key not in cache:
+                cfg = self.ctx.cfg
                 cache[key] = encode_prompt(
-                    r, self.tok, self.ctx.cfg.model.vision, self.ctx.cfg.data.max_prompt_tokens
+                    r, self.tok, cfg.model.vision_side, cfg.data.max_prompt_tokens
                 )
             out.append(cache[key])
         return out

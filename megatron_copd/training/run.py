@@ -46,12 +46,13 @@ class Resources:
 
         self.world = None
         if cfg.data.world == "toy":
-            from megatron_copd.data.toy.vocab import build_toy_tokenizer
+            from megatron_copd.data.toy.vocab import build_toy_tokenizer, tokenizer_dir_name
             from megatron_copd.training.toy_base import configured_toy_world
 
             self.world = configured_toy_world(cfg, cache_dir(cfg))
-            self.tokenizer = build_toy_tokenizer(self.world, vocab_size=cfg.model.vocab_size)
-            name = "tokenizer" if cfg.model.vocab_size == 512 else f"tokenizer-{cfg.model.vocab_size}"
+            qwen_vl = cfg.model.qwen_vl is not None
+            self.tokenizer = build_toy_tokenizer(self.world, cfg.model.vocab_size, qwen_vl)
+            name = tokenizer_dir_name(cfg.model.vocab_size, qwen_vl)
             self.tokenizer_dir = str(self.world.root / name)
             self.sources = toy_sources(cfg, self.world)
         else:
@@ -62,6 +63,11 @@ class Resources:
             self.tokenizer = Tokenizer.load(cfg.data.tokenizer)
             self.tokenizer_dir = cfg.data.tokenizer
             self.sources = file_sources(cfg)
+        if cfg.model.qwen_vl is not None:
+            from megatron_copd.models.qwen_vl import processing
+
+            processing.check_tokenizer(self.tokenizer, cfg.model.qwen_vl)
+            processing.check_processor_dir(self.tokenizer_dir, cfg.model.qwen_vl)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             from megatron_copd.config import ConfigError
 
@@ -138,7 +144,8 @@ def _train(cfg: RunConfig, stop) -> int:
     data = BranchData(res.sources, name, teachers, cfg.seed, groups.branch)
     results: dict = {"domains": sorted(res.sources.eval)}
 
-    ckpt = CheckpointManager(cfg.run_dir, groups, cfg, base_fingerprint=_fingerprint(base))
+    ckpt = CheckpointManager(cfg.run_dir, groups, cfg, base_fingerprint=_fingerprint(base),
+                             tokenizer_dir=res.tokenizer_dir)
     resumed = ckpt.load_latest(branch)
     if resumed is not None:
         state = resumed.engine_state

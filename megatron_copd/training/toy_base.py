@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from megatron_copd.config_base import from_dict
 from megatron_copd.data.prompting import encode_prompt, encode_response
 from megatron_copd.data.records import load_many
 from megatron_copd.data.sampler import MixedSampler, PromptSampler
+from megatron_copd.rollout.positions import position_ids
 from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
 from megatron_copd.runtime.megatron_state import init_megatron_state
 from megatron_copd.training.losses import sft_loss
@@ -101,7 +103,8 @@ def ensure_toy_base(cfg: RunConfig, world, tokenizer, tokenizer_dir: str, cache_
         samples = SampleSet()
         for r in mine:
             if r.id not in cache:
-                enc = encode_prompt(r, tokenizer, cfg.model.vision, cfg.data.max_prompt_tokens)
+                enc = encode_prompt(r, tokenizer, cfg.model.vision_side,
+                                    cfg.data.max_prompt_tokens)
                 cache[r.id] = (enc, encode_response(r.answer, tokenizer))
             enc, resp = cache[r.id]
             samples.prompts.append(enc.token_ids)
@@ -109,7 +112,8 @@ def ensure_toy_base(cfg: RunConfig, world, tokenizer, tokenizer_dir: str, cache_
             samples.old_logp.append(torch.zeros(len(resp)))
             samples.advantages.append(torch.zeros(len(resp)))
             samples.pixels.append(enc.pixels)
-        batches, seq_len = build_micro_batches(samples, per_rank, tokenizer.pad_id)
+        batches, seq_len = build_micro_batches(samples, per_rank, tokenizer.pad_id,
+                                               positions=partial(position_ids, model.model))
         result = model.train_step(batches, loss, seq_len)
         if (step + 1) % 50 == 0 or step == 0:
             log(f"toy base warm-up {step + 1}/{steps}: loss {result.metrics.get('loss', 0):.3f}")

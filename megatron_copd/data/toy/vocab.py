@@ -17,10 +17,15 @@ from megatron_copd.data.toy.world import ToyWorld
 from megatron_copd.errors import DataError
 
 DEFAULT_VOCAB_SIZE = 512
+# Qwen-VL's vision tokens in the toy vocabulary, in id order 5, 6, 7, 8 (after <image> = 4):
+# vision_start, vision_end, image pad, video pad (model.qwen_vl's *_token_id fields).
+QWEN_VL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
 
-def train_sentencepiece(texts: list[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> bytes:
-    """Serialized SentencePiece model trained on ``texts`` (deterministic: one thread)."""
+def train_sentencepiece(texts: list[str], vocab_size: int = DEFAULT_VOCAB_SIZE,
+                        extra_symbols: tuple[str, ...] = ()) -> bytes:
+    """Serialized SentencePiece model trained on ``texts`` (deterministic: one thread).
+    ``extra_symbols``: further single-id tokens after ``<image>`` (ids 5, 6, ...)."""
     import sentencepiece as spm
 
     if vocab_size < 300:
@@ -40,7 +45,7 @@ def train_sentencepiece(texts: list[str], vocab_size: int = DEFAULT_VOCAB_SIZE) 
         character_coverage=1.0,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
-        user_defined_symbols=[DEFAULT_IMAGE_TOKEN],
+        user_defined_symbols=[DEFAULT_IMAGE_TOKEN, *extra_symbols],
         unk_id=0,
         bos_id=1,
         eos_id=2,
@@ -64,13 +69,21 @@ def corpus(world: ToyWorld) -> list[str]:
     ]
 
 
-def build_toy_tokenizer(world: ToyWorld, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
-    """Train (once) and load the toy tokenizer; cached in ``<world>/tokenizer[-<vocab>]/``."""
-    name = "tokenizer" if vocab_size == DEFAULT_VOCAB_SIZE else f"tokenizer-{vocab_size}"
-    final = world.root / name
+def tokenizer_dir_name(vocab_size: int = DEFAULT_VOCAB_SIZE, qwen_vl: bool = False) -> str:
+    name = "tokenizer" + ("-qwenvl" if qwen_vl else "")
+    return name if vocab_size == DEFAULT_VOCAB_SIZE else f"{name}-{vocab_size}"
+
+
+def build_toy_tokenizer(world: ToyWorld, vocab_size: int = DEFAULT_VOCAB_SIZE,
+                        qwen_vl: bool = False) -> Tokenizer:
+    """Train (once) and load the toy tokenizer; cached in ``<world>/tokenizer[-<vocab>]/``.
+    ``qwen_vl``: also Qwen-VL's vision tokens (``QWEN_VL_TOKENS``, ids 5-8), for a toy world seen
+    through a Qwen3-VL-shaped model; cached apart (``tokenizer-qwenvl...``)."""
+    final = world.root / tokenizer_dir_name(vocab_size, qwen_vl)
+    extra = QWEN_VL_TOKENS if qwen_vl else ()
 
     def build(tmp: Path) -> None:
-        (tmp / SP_MODEL_FILE).write_bytes(train_sentencepiece(corpus(world), vocab_size))
+        (tmp / SP_MODEL_FILE).write_bytes(train_sentencepiece(corpus(world), vocab_size, extra))
         Tokenizer.from_sentencepiece(tmp / SP_MODEL_FILE).save(tmp)  # writes COPD_FILE last
 
     build_once(final, build, COPD_FILE)

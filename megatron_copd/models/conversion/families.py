@@ -8,6 +8,7 @@ converters nor the family modules import each other in a circle.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from megatron_copd.models.conversion import hf_config as generic
 from megatron_copd.models.conversion import mapping as mp
 from megatron_copd.models.qwen_vl import hf_config as qwen_vl_config
 from megatron_copd.models.qwen_vl import hf_weights as qwen_vl_weights
+from megatron_copd.models.qwen_vl.processing import processor_config
 from megatron_copd.models.qwen_vl.spec import spec_from_model
 
 # Files of an HF model directory that describe its media processing (copied with the tokenizer).
@@ -82,3 +84,12 @@ def copy_processor_files(src: Path | None, dst: Path) -> list[str]:
             (dst / name).write_bytes((src / name).read_bytes())
             copied.append(name)
     return copied
+
+
+def write_processor_files(src: Path | None, dst: Path, model: ModelConfig) -> None:
+    """An export's media-processing files: those imported with the tokenizer, else the image
+    processor this project feeds the model with (``models.qwen_vl.processing``)."""
+    copy_processor_files(src, dst)
+    if model.qwen_vl is not None and not (dst / "preprocessor_config.json").exists():
+        (dst / "preprocessor_config.json").write_text(
+            json.dumps(processor_config(model.qwen_vl), indent=2, sort_keys=True) + "\n")

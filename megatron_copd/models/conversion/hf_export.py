@@ -226,7 +226,7 @@ def convert_to_hf(
             if model.vision is not None:
                 _write_processor(tmp, model, tok.image_token)
             if model.qwen_vl is not None:
-                families.copy_processor_files(tok_src, tmp)
+                families.write_processor_files(tok_src, tmp, model)
             _publish(tmp, output, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
