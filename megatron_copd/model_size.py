@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_copd.config import ModelConfig, RunConfig, VisionConfig
+from megatron_copd.config import ModelConfig, QwenVLConfig, RunConfig, VisionConfig
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,18 @@ def vision_params(v: VisionConfig, lm_hidden: int) -> int:
     return v.num_layers * layer + stem + projector
 
 
+def qwen_vl_params(q: QwenVLConfig, lm_hidden: int) -> int:
+    """Qwen3-VL's vision tower: patch embedding, learned positions, blocks, the merger and one
+    merger per DeepStack layer."""
+    h, f = q.hidden_size, q.intermediate_size
+    layer = (4 * h * h + 4 * h) + (2 * h * f + f + h) + 4 * h  # attn+bias, mlp+bias, 2 LayerNorms
+    stem = 3 * q.temporal_patch_size * q.patch_size**2 * h + h + q.num_position_embeddings * h
+    u = q.spatial_merge_size**2 * h
+    merger = u * u + u + u * lm_hidden + lm_hidden
+    return (q.depth * layer + stem + merger + 2 * h
+            + len(q.deepstack_visual_indexes) * (merger + 2 * u))
+
+
 def model_size(m: ModelConfig) -> ModelSize:
     emb = m.vocab_size * m.hidden_size
     return ModelSize(
@@ -60,7 +72,8 @@ def model_size(m: ModelConfig) -> ModelSize:
         per_layer=decoder_layer_params(m),
         num_layers=m.num_layers,
         final_norm=m.hidden_size,
-        vision=vision_params(m.vision, m.hidden_size) if m.vision is not None else 0,
+        vision=(vision_params(m.vision, m.hidden_size) if m.vision is not None
+                else qwen_vl_params(m.qwen_vl, m.hidden_size) if m.qwen_vl is not None else 0),
     )
 
 

@@ -1,5 +1,6 @@
-"""The Qwen3-VL-4B-class example configs load, carry the paper's hyperparameters, and describe a
-model the HF exporter can write (checked against transformers' own config classes)."""
+"""The Qwen3-VL-4B example configs load, carry the paper's hyperparameters, and describe the model
+the HF exporter writes as Qwen3-VL-4B-Instruct (checked against transformers' own config
+classes)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,8 @@ import pytest
 import torch
 
 from megatron_copd.config import load_config
-from megatron_copd.models.conversion.hf_config import (
-    SpecialTokens,
-    check_exportable,
-    hf_config,
-    model_config_from_hf,
-)
+from megatron_copd.models.conversion import families
+from megatron_copd.models.conversion.hf_config import SpecialTokens
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -39,10 +36,18 @@ def test_example_config(name, branches):
     m = cfg.model
     assert (m.hidden_size, m.num_layers, m.num_attention_heads, m.num_query_groups,
             m.head_dim, m.ffn_hidden_size, m.vocab_size) == (2560, 36, 32, 8, 128, 9728, 151936)
-    assert m.use_qk_norm and m.tie_embeddings and m.vision.tokens_per_image == 577
-    check_exportable(m)
-    hf = hf_config(m, torch.bfloat16, SpecialTokens(151643, 151645, 151643, 151655))
-    llava = T.LlavaConfig.from_dict(hf)
-    assert llava.text_config.num_hidden_layers == 36 and llava.vision_config.image_size == 336
-    back = model_config_from_hf(llava.to_dict()).model.vision
-    assert back == dataclasses.replace(m.vision, max_frames=back.max_frames)  # not an HF field
+    assert m.use_qk_norm and m.tie_embeddings and m.vision is None
+    q = m.qwen_vl
+    assert (q.depth, q.hidden_size, q.num_heads, q.intermediate_size, q.patch_size,
+            q.deepstack_visual_indexes) == (24, 1024, 16, 4096, 16, [5, 11, 17])
+    families.check_exportable(m, "example")
+    hf = families.export_config(m, torch.bfloat16, SpecialTokens(151643, 151645, 151643))
+    qwen = T.Qwen3VLConfig.from_dict(hf)
+    assert qwen.text_config.num_hidden_layers == 36 and qwen.vision_config.out_hidden_size == 2560
+    assert qwen.text_config.rope_parameters["mrope_section"] == [24, 20, 20]
+    back = families.model_config_from_hf(qwen.to_dict(), "config.json").model
+    processor_only = ("min_pixels", "max_pixels", "max_frames")  # not config.json fields
+    assert back.qwen_vl == dataclasses.replace(
+        q, **{k: getattr(back.qwen_vl, k) for k in processor_only})
+    assert dataclasses.replace(back, qwen_vl=None, max_sequence_length=m.max_sequence_length,
+                               rotary_base=m.rotary_base) == dataclasses.replace(m, qwen_vl=None)

@@ -184,3 +184,14 @@ def test_scoring_and_cross_branch_teacher_scoring_with_media(hf_setup, pp):
             for name in ("rollout", "local", "peer"):
                 diff = (r[name][i, :n] - theirs).abs().max().item()
                 assert diff <= TOL, (name, i, diff)
+
+
+def test_model_size_counts_the_vision_tower(hf_setup):
+    """copd check's parameter count: the vision tower as transformers builds it."""
+    from megatron_copd.model_size import model_size
+
+    cfg, model, _, _, _ = hf_setup
+    size = model_size(qwen3_vl_from_hf(cfg.to_dict()).model)
+    assert size.vision == sum(p.numel() for k, p in model.named_parameters() if "visual" in k)
+    assert size.total == sum(p.numel() for k, p in model.named_parameters()
+                             if k != "lm_head.weight")  # tied
