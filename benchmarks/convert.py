@@ -2,10 +2,13 @@
 """HF <-> torch_dist conversion time for a ~1 GB checkpoint, next to the time to simply read and
 write the same bytes on the same disk (the physical limit), and the converters' peak memory.
 
-    python benchmarks/convert.py [--gb 1.0] [--dtype fp32|bf16] [--workdir DIR] [--repeat 2]
+    python benchmarks/convert.py [--gb 1.0] [--dtype fp32|bf16] [--family qwen3|qwen3_vl]
+                                 [--workdir DIR] [--repeat 2]
 
-A Qwen3-shaped model (QK-norm, GQA, untied head) is sized to about --gb of weights and written
-as a sharded HF safetensors checkpoint with random values (no model is built). Then, each step
+A Qwen3-shaped model (QK-norm, GQA, untied head; ``--family qwen3_vl``: plus a Qwen3-VL vision
+tower of 4 layers of Qwen3-VL-4B's width, DeepStack from 2 of them) is sized to about --gb of
+weights and written as a sharded HF safetensors checkpoint with random values (no model is
+built). Then, each step
 in a fresh subprocess (so its peak RSS is its own):
 
 - import:   HF safetensors -> torch_dist        (tools/import_from_hf.py's library call)
@@ -88,23 +91,32 @@ print(json.dumps({{"seconds": dt, "bytes": n, "peak_rss_mb": (peak[0] - base) / 
 """
 
 
-def make_hf_checkpoint(path: Path, target_bytes: float, dtype) -> tuple[int, int]:
+def make_hf_checkpoint(path: Path, target_bytes: float, dtype,
+                       family: str = "qwen3") -> tuple[int, int]:
     """Write a Qwen3-shaped HF checkpoint of about ``target_bytes``; (params, bytes)."""
     import torch
     from safetensors.torch import save_file
 
-    from megatron_copd.config import ModelConfig
-    from megatron_copd.models.conversion import mapping as mp
-    from megatron_copd.models.conversion.hf_config import SpecialTokens, hf_config
+    from megatron_copd.config import ModelConfig, QwenVLConfig
+    from megatron_copd.model_size import qwen_vl_params
+    from megatron_copd.models.conversion import families
+    from megatron_copd.models.conversion.hf_config import SpecialTokens
 
     hidden, ffn, vocab, heads, groups = 1024, 3072, 32768, 16, 8
+    vision = None
+    if family == "qwen3_vl":
+        vision = QwenVLConfig(depth=4, hidden_size=1024, num_heads=16, intermediate_size=4096,
+                              num_position_embeddings=2304, deepstack_visual_indexes=[1, 3],
+                              mrope_section=[8, 12, 12])
     per_layer = hidden * (heads + 2 * groups) * 64 + hidden * heads * 64 + 3 * hidden * ffn
-    layers = max(1, round((target_bytes / dtype.itemsize - 2 * vocab * hidden) / per_layer))
+    budget = target_bytes / dtype.itemsize - 2 * vocab * hidden
+    budget -= qwen_vl_params(vision, hidden) if vision else 0
+    layers = max(1, round(budget / per_layer))
     model = ModelConfig(family="qwen3", vocab_size=vocab, hidden_size=hidden, num_layers=layers,
                         num_attention_heads=heads, num_query_groups=groups, kv_channels=64,
-                        ffn_hidden_size=ffn, tie_embeddings=False)
+                        ffn_hidden_size=ffn, tie_embeddings=False, qwen_vl=vision)
     path.mkdir(parents=True)
-    maps = mp.param_maps(model, mp.TEXT_NAMES)
+    maps = families.export_maps(model)
     gen = torch.Generator().manual_seed(0)
     shard, shard_bytes, files, weight_map, total, params = {}, 0, [], {}, 0, 0
 
@@ -130,7 +142,7 @@ def make_hf_checkpoint(path: Path, target_bytes: float, dtype) -> tuple[int, int
     flush()
     (path / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}))
-    cfg = hf_config(model, dtype, SpecialTokens(1, 2, 3))
+    cfg = families.export_config(model, dtype, SpecialTokens(1, 2, 3))
     (path / "config.json").write_text(json.dumps(cfg))
     return params, total
 
@@ -160,6 +172,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, default=1.0)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--family", choices=["qwen3", "qwen3_vl"], default="qwen3")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--workers", type=int, default=4)
@@ -171,8 +184,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="convert-bench-", dir=args.workdir))
     try:
         t0 = time.perf_counter()
-        params, total = make_hf_checkpoint(work / "hf", args.gb * 1e9, dtype)
-        print(f"HF checkpoint: {params / 1e6:.0f}M params, {total / 1e9:.2f} GB {args.dtype} "
+        params, total = make_hf_checkpoint(work / "hf", args.gb * 1e9, dtype, args.family)
+        print(f"HF checkpoint ({args.family}): {params / 1e6:.0f}M params, {total / 1e9:.2f} GB {args.dtype} "
               f"(made in {time.perf_counter() - t0:.1f} s); {os.cpu_count()} CPUs; {work}")
         rows = []
         for rep in range(args.repeat):
