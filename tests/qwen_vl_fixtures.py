@@ -306,3 +306,34 @@ def hf_response_logprobs(model, case: dict, row: int, response: list[int]) -> to
     logp = torch.log_softmax(hf_logits(model, one)[0], dim=-1)
     p = prompt.numel()
     return logp[p - 1:p - 1 + len(response)].gather(1, torch.tensor(response)[:, None])[:, 0]
+
+
+def megatron_grads(rank, world, ckpt: str, case: dict, w: torch.Tensor):
+    """Gradients of sum(logits * w) over the real positions of ``case`` (TP=1, training mode)
+    for a few parameters of the vision tower, DeepStack and the language model."""
+    from megatron_copd.checkpoint.model_io import load_model
+    from megatron_copd.checkpoint.meta import read_meta
+    from megatron_copd.config import RunConfig
+    from megatron_copd.config_base import from_dict
+    from megatron_copd.models.factory import build_model
+    from megatron_copd.models.qwen_vl.media import QwenVisualInputs
+    from megatron_copd.models.qwen_vl.positions import mrope_position_ids
+    from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
+    from megatron_copd.runtime.megatron_state import init_megatron_state
+    meta = read_meta(ckpt)
+    cfg = from_dict(RunConfig, {"branches": [{"name": "a"}], "precision": {"dtype": "fp32"}, "model": meta["model"]})
+    g = build_branch_groups(BranchLayout.from_world(("a",), world, tp=1, pp=1)); init_megatron_state(g, 7)
+    model = build_model(cfg, g.pgs); load_model(model, g.pgs, ckpt); model.train()
+    ids, mask = case["ids"], case["mask"]
+    pos, _ = mrope_position_ids(ids, model.spec, case["image_grid_thw"], case["video_grid_thw"], mask)
+    s = ids.shape[1]
+    attn = (torch.triu(torch.ones(s, s, dtype=torch.bool), 1)[None] | ~mask.bool()[:, None, :]).unsqueeze(1)
+    media = QwenVisualInputs(case["pixel_values"], case["image_grid_thw"], case["pixel_values_videos"], case["video_grid_thw"])
+    out = model(ids, pos, attn, pixels=media)
+    loss = (out[mask.bool()] * w).sum()
+    loss.backward()
+    v = model.vision_model
+    return {"patch": v.patch_weight.grad.clone(), "pos": v.pos_embed.weight.grad.clone(),
+            "ds_fc1": v.deepstack_merger0.mlp.encoder.linear_fc1.weight.grad.clone(),
+            "emb": model.language_model.embedding.word_embeddings.weight.grad.clone(),
+            "blk0_fc2": v.decoder.layers[0].mlp.linear_fc2.weight.grad.clone()}

@@ -195,3 +195,29 @@ def test_model_size_counts_the_vision_tower(hf_setup):
     assert size.vision == sum(p.numel() for k, p in model.named_parameters() if "visual" in k)
     assert size.total == sum(p.numel() for k, p in model.named_parameters()
                              if k != "lm_head.weight")  # tied
+
+
+def test_gradients_equal_transformers(hf_setup):
+    """Training goes through the same graph: gradients of a weighted sum of logits (mixed
+    batch) equal transformers' for the patch embedding, learned positions, a vision block, a
+    DeepStack merger and the (tied) embedding."""
+    cfg, _, cases, _, ckpt = hf_setup
+    hf = F.build(cfg).train()
+    case = cases[CASES.index("mixed")]
+    w = torch.randn(F.VOCAB, generator=torch.Generator().manual_seed(0))
+    types = torch.zeros_like(case["ids"])
+    types[case["ids"] == F.IMAGE] = 1
+    types[case["ids"] == F.VIDEO] = 2
+    out = hf(input_ids=case["ids"], attention_mask=case["mask"], mm_token_type_ids=types,
+             **{k: case[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
+                                     "video_grid_thw")}).logits
+    (out[case["mask"].bool()] * w).sum().backward()
+    ours = run_world(F.megatron_grads, 1, args=(ckpt, case, w))[0]
+    vis = hf.model.visual
+    ref = {"patch": vis.patch_embed.proj.weight.grad, "pos": vis.pos_embed.weight.grad,
+           "ds_fc1": vis.deepstack_merger_list[0].linear_fc1.weight.grad,
+           "emb": hf.model.language_model.embed_tokens.weight.grad,
+           "blk0_fc2": vis.blocks[0].mlp.linear_fc2.weight.grad}
+    for k, r in ref.items():
+        rel = (r - ours[k].view_as(r)).abs().max().item() / r.abs().max().item()
+        assert rel <= 1e-5, (k, rel)

@@ -4,8 +4,8 @@ Patches (``pixel_values`` rows of 3 x 2 frames x 16 x 16 values, any number of i
 grid in one packed sequence) -> patch embedding (Qwen's Conv3d with stride = kernel, i.e. one
 linear map, kept in the Conv3d's weight shape) + bilinearly resampled learned positions ->
 a megatron TransformerBlock (LayerNorm, QKV with bias, tanh-GELU MLP; 2-D RoPE inside attention;
-attention confined to each frame by a block-diagonal mask) -> the 2 x 2 patch merger into the
-language model's width. DeepStack: after the listed vision layers, a merger of its own (norm after
+attention inside each frame: frames of equal size run as one batch, so no mask is needed) ->
+the 2 x 2 patch merger into the language model's width. DeepStack: after the listed vision layers, a merger of its own (norm after
 the 2 x 2 shuffle) turns the hidden states into features for the first decoder layers.
 
 The tower is not pipelined: it lives whole on the first pipeline stage, tensor-parallel like
@@ -116,22 +116,42 @@ class QwenVisionModel(MegatronModule):
                      self.patch_weight.reshape(spec.hidden_size, -1), self.patch_bias)
         idx, wts = positions.position_taps(grid_thw, spec.grid_per_side, spec.spatial_merge_size)
         pos = (self.pos_embed(idx.to(dev)) * wts.to(dev, dtype)[..., None]).sum(1)
-        x = (x + pos).unsqueeze(1)  # [patches, 1, hidden]
+        x = x + pos  # [patches, hidden]
         rope = vision_rope_angles(positions.vision_rope_coords(grid_thw, spec.spatial_merge_size),
-                                  spec.head_dim, spec.rope_theta).to(dev)
-        mask = _block_diagonal_mask(positions.frame_lengths(grid_thw), dev)
-        self._taps = {}
-        try:
-            x = self.decoder(hidden_states=x, attention_mask=mask, rotary_pos_emb=rope)
-            taps = [self._taps[i] for i in spec.deepstack_visual_indexes]
-        finally:
-            self._taps = None
-        x = x.squeeze(1)
-        deepstack = [m(t.squeeze(1)) for m, t in zip(self.deepstack_mergers, taps)]
+                                  spec.head_dim, spec.rope_theta).to(dev)[:, 0, 0]
+        x, taps = self._blocks(x, rope, positions.frame_lengths(grid_thw))
+        deepstack = [m(t) for m, t in zip(self.deepstack_mergers, taps)]
         return self.merger(x), deepstack
 
+    def _blocks(self, x: torch.Tensor, rope: torch.Tensor, lengths: list[int]
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The transformer layers over every frame, attention inside each frame only.
 
-def _block_diagonal_mask(lengths: list[int], device) -> torch.Tensor:
-    """[1, 1, S, S] boolean, True where attention is *not* allowed (another frame / image)."""
-    seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
-    return (seg[:, None] != seg[None, :]).view(1, 1, len(seg), len(seg))
+        Frames of equal patch count run together as one batch ``[patches, frames, hidden]``
+        (rotary angles per batch entry): no mask and no attention between frames, and memory
+        grows with the square of a frame's patches, not of the whole batch's."""
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        by_length: dict[int, list[int]] = {}
+        for f, n in enumerate(lengths):
+            by_length.setdefault(n, []).append(f)
+        order, outs, taps = [], [], []
+        for n, frames in by_length.items():
+            idx = torch.cat([torch.arange(starts[f], starts[f] + n) for f in frames]).to(x.device)
+            order.append(idx)
+            xs = x[idx].view(len(frames), n, -1).transpose(0, 1)  # [n, frames, hidden]
+            rs = rope[idx].view(len(frames), n, 1, -1).transpose(0, 1)  # [n, frames, 1, d]
+            self._taps = {}
+            try:
+                y = self.decoder(hidden_states=xs, attention_mask=None, rotary_pos_emb=rs)
+                tapped = [self._taps[i] for i in self.spec.deepstack_visual_indexes]
+            finally:
+                self._taps = None
+            outs.append(y.transpose(0, 1).reshape(len(frames) * n, -1))
+            taps.append([t.transpose(0, 1).reshape(len(frames) * n, -1) for t in tapped])
+        back = torch.argsort(torch.cat(order))  # grouped order -> patch order
+        x = torch.cat(outs)[back]
+        per_layer = [torch.cat([t[k] for t in taps])[back]
+                     for k in range(len(self.spec.deepstack_visual_indexes))]
+        return x, per_layer
