@@ -116,7 +116,8 @@ def ensure_toy_base(cfg: RunConfig, world, tokenizer, tokenizer_dir: str, cache_
                                                positions=partial(position_ids, model.model))
         result = model.train_step(batches, loss, seq_len)
         if (step + 1) % 50 == 0 or step == 0:
-            log(f"toy base warm-up {step + 1}/{steps}: loss {result.metrics.get('loss', 0):.3f}")
+            log(f"toy base warm-up {step + 1}/{steps}: loss {result.metrics.get('loss', 0):.3f}, "
+                f"grad norm {result.grad_norm or 0:.2f}")
     meta = {"kind": "toy-base", "model": to_dict(cfg.model), "warmup_steps": steps,
             "tokenizer": str(tokenizer_dir), "base_fingerprint": None}
     # One private name for this build (agreed by all ranks), renamed into place when complete:
