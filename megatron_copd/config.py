@@ -463,6 +463,9 @@ def validate(
 
     ``check_device=False`` skips the checks of this machine's GPU/TE (``copd check`` on a login
     node validates a GPU job's config)."""
+    from megatron_copd.config_checks import check_ranges
+
+    check_ranges(cfg)  # every numeric field inside its domain (config_checks.CONSTRAINTS)
     m = cfg.model
     _check_positive(
         m,
@@ -528,6 +531,8 @@ def validate(
         if not b.domains:
             b.domains = [b.name]
 
+    _validate_edges(cfg.schedule, tuple(names))
+
     g = cfg.grpo
     _check_positive(g, "grpo", ["prompts_per_step", "group_size", "max_new_tokens"])
     if not (0 <= g.eps_low < 1) or g.eps_high < 0:
@@ -562,6 +567,19 @@ def validate(
     p.dp = world // per_dp
     cfg.world_size = world
     return cfg
+
+
+def _validate_edges(s: ScheduleConfig, names: tuple[str, ...]) -> None:
+    """Distillation edges exist, name branches, and are never given where nothing uses them."""
+    from megatron_copd.training.topology import build_edges
+
+    if s.recipe in ("copd", "static_opd", "mopd") and len(names) > 1:
+        build_edges(s, names)
+        return
+    for key in ("edges", "drop_edges", "hub"):
+        if getattr(s, key):
+            raise ConfigError(f"schedule.{key}: recipe {s.recipe!r} with {len(names)} "
+                              f"branch(es) has no distillation edges; remove schedule.{key}")
 
 
 def validate_qwen_vl(m: ModelConfig, p: ParallelConfig) -> None:

@@ -275,6 +275,8 @@ def _load(
             raise DataError(f"{where}: duplicate id {rec.id!r} (first at {seen[rec.id]})")
         seen[rec.id] = where
         out.append(rec)
+    if not out:
+        raise DataError(f"{shown}: no records (empty file); expected at least one prompt row")
     return out
 
 

@@ -51,10 +51,14 @@ def variants(cfg: RunConfig) -> list[Variant]:
                  "eval_data": b.eval_data, "beta": b.beta} for b in cfg.branches]
     union = sorted({d for b in cfg.branches for d in b.domains})
     edges = build_edges(s, cfg.branch_names)
+    # Variants without distillation (or with their own edges) clear the topology settings they
+    # do not use: the config refuses unused settings.
+    no_edges = ["schedule.hub=null", "schedule.edges=[]", "schedule.drop_edges=[]"]
     out = [
-        Variant("experts", ["schedule.recipe=grpo", f"schedule.steps={per_branch}"], "branches"),
+        Variant("experts", ["schedule.recipe=grpo", f"schedule.steps={per_branch}", *no_edges],
+                "branches"),
         Variant("mixed_rlvr", [
-            "schedule.recipe=mixed_rlvr", f"schedule.steps={per_branch * k}",
+            "schedule.recipe=mixed_rlvr", f"schedule.steps={per_branch * k}", *no_edges,
             _branches_yaml([{"name": "mixed", "domains": union,
                              "train_data": [p for b in branches for p in b["train_data"]],
                              "eval_data": [p for b in branches for p in b["eval_data"]]}]),
@@ -62,7 +66,7 @@ def variants(cfg: RunConfig) -> list[Variant]:
     ]
     for e in edges:
         out.append(Variant(f"static_opd:{e.student}<-{e.teacher}", [
-            "schedule.recipe=static_opd", "schedule.topology=custom",
+            "schedule.recipe=static_opd", "schedule.topology=custom", "schedule.hub=null",
             "schedule.edges=" + json.dumps([{"student": e.student, "teacher": e.teacher}]),
             "schedule.drop_edges=[]",
         ], e.student))
@@ -71,7 +75,7 @@ def variants(cfg: RunConfig) -> list[Variant]:
                    "train_data": [p for b in branches for p in b["train_data"]],
                    "eval_data": [p for b in branches for p in b["eval_data"]]}
         out.append(Variant("mopd", [
-            "schedule.recipe=mopd", "schedule.topology=custom",
+            "schedule.recipe=mopd", "schedule.topology=custom", "schedule.hub=null",
             _branches_yaml([student, *branches]),
             "schedule.edges=" + json.dumps([{"student": "student", "teacher": n} for n in names]),
             "schedule.drop_edges=[]",

@@ -16,7 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_copd.config import ConfigError, ScheduleConfig
+from typing import TYPE_CHECKING
+
+from megatron_copd.config_base import ConfigError
+
+if TYPE_CHECKING:  # the run config imports this module to validate edges before launch
+    from megatron_copd.config import ScheduleConfig
 
 
 @dataclass(frozen=True, order=True)
@@ -33,9 +38,18 @@ class Edge:
         return f"{self.student}->{self.teacher}"
 
 
-def build_edges(schedule: ScheduleConfig, branches: tuple[str, ...]) -> list[Edge]:
+def build_edges(schedule: "ScheduleConfig", branches: tuple[str, ...]) -> list[Edge]:
     """The validated, sorted edge list for a config (empty for recipes without distillation)."""
     names = list(branches)
+    if schedule.edges and schedule.topology != "custom":
+        raise ConfigError(
+            f"schedule.edges: used only with schedule.topology 'custom' (it is "
+            f"'{schedule.topology}', whose edges are fixed); set topology: custom, or remove the "
+            "edges (drop_edges removes edges from a fixed topology)"
+        )
+    if schedule.hub is not None and schedule.topology != "hub":
+        raise ConfigError(f"schedule.hub: used only with schedule.topology 'hub' (it is "
+                          f"'{schedule.topology}')")
     if schedule.topology == "pair":
         if len(names) != 2:
             raise ConfigError(
@@ -54,6 +68,8 @@ def build_edges(schedule: ScheduleConfig, branches: tuple[str, ...]) -> list[Edg
         edges = {Edge(s, t) for s in names for t in names if s != t}
     else:
         edges = set()
+        if not schedule.edges:
+            raise ConfigError("schedule.edges: topology 'custom' needs at least one edge")
         for i, e in enumerate(schedule.edges):
             _check_edge(e.student, e.teacher, names, f"schedule.edges.{i}")
             edges.add(Edge(e.student, e.teacher))
