@@ -120,29 +120,39 @@ def import_checkpoint(hf_model, root: Path) -> tuple[Path, Path]:
     return hf_dir, root / "ckpt"
 
 
+def load_world_model(world: int, ckpt: str, tp: int = 1, pp: int = 1, names=("a",)):
+    """(model, groups, meta): the model ``ckpt``'s meta describes, built at TP x PP for the
+    branches ``names`` (each loading ``ckpt``), fp32, in eval mode."""
+    from megatron_copd.checkpoint.model_io import load_model
+    from megatron_copd.checkpoint.meta import read_meta
+    from megatron_copd.config import RunConfig
+    from megatron_copd.config_base import from_dict
+    from megatron_copd.models.factory import build_model
+    from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
+    from megatron_copd.runtime.megatron_state import init_megatron_state
+
+    meta = read_meta(ckpt)
+    cfg = from_dict(RunConfig, {"branches": [{"name": n} for n in names],
+                                "parallel": {"tp": tp, "pp": pp}, "precision": {"dtype": "fp32"},
+                                "model": meta["model"]})
+    groups = build_branch_groups(BranchLayout.from_world(tuple(names), world, tp=tp, pp=pp))
+    init_megatron_state(groups, 7)
+    model = build_model(cfg, groups.pgs).eval()
+    load_model(model, groups.pgs, ckpt, process_group=groups.branch_group)
+    return model, groups, meta
+
+
 def megatron_logits(rank, world, tp: int, pp: int, ckpt: str, cases: list[dict],
                     save: str | None = None):
     """Load ``ckpt`` into the model its meta describes at TP x PP, return full logits for each
     case (last stage; None elsewhere); re-save the model to ``save`` when given."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron_copd.checkpoint.model_io import load_model, save_model
-    from megatron_copd.checkpoint.meta import read_meta
-    from megatron_copd.config import RunConfig
-    from megatron_copd.config_base import from_dict
-    from megatron_copd.models.factory import build_model
+    from megatron_copd.checkpoint.model_io import save_model
     from megatron_copd.models.qwen_vl.media import QwenVisualInputs
     from megatron_copd.models.qwen_vl.positions import mrope_position_ids
-    from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
-    from megatron_copd.runtime.megatron_state import init_megatron_state
 
-    meta = read_meta(ckpt)
-    cfg = from_dict(RunConfig, {"branches": [{"name": "a"}], "parallel": {"tp": tp, "pp": pp},
-                                "precision": {"dtype": "fp32"}, "model": meta["model"]})
-    groups = build_branch_groups(BranchLayout.from_world(("a",), world, tp=tp, pp=pp))
-    init_megatron_state(groups, 7)
-    model = build_model(cfg, groups.pgs).eval()
-    load_model(model, groups.pgs, ckpt)
+    model, groups, meta = load_world_model(world, ckpt, tp, pp)
     if save:
         save_model(model, groups.pgs, save, meta)
     spec = model.spec
@@ -226,23 +236,10 @@ def _model_config():
 def megatron_greedy(rank, world, tp: int, pp: int, ckpt: str, case: dict, n_new: int):
     """The project's rollout ``generate`` (KV cache, left-padded batch of all rows) at TP x PP,
     greedy: each row's new tokens up to and including EOS (id 2)."""
-    from megatron_copd.checkpoint.model_io import load_model
-    from megatron_copd.checkpoint.meta import read_meta
-    from megatron_copd.config import RunConfig
-    from megatron_copd.config_base import from_dict
-    from megatron_copd.models.factory import build_model
     from megatron_copd.rollout.generation import generate
     from megatron_copd.rollout.sampling import SamplingParams
-    from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
-    from megatron_copd.runtime.megatron_state import init_megatron_state
 
-    meta = read_meta(ckpt)
-    cfg = from_dict(RunConfig, {"branches": [{"name": "a"}], "parallel": {"tp": tp, "pp": pp},
-                                "precision": {"dtype": "fp32"}, "model": meta["model"]})
-    groups = build_branch_groups(BranchLayout.from_world(("a",), world, tp=tp, pp=pp))
-    init_megatron_state(groups, 7)
-    model = build_model(cfg, groups.pgs).eval()
-    load_model(model, groups.pgs, ckpt)
+    model, groups, _ = load_world_model(world, ckpt, tp, pp)
     rows = list(range(len(case["ids"])))
     prompts = [case["ids"][r][case["mask"][r].bool()].tolist() for r in rows]
     ro = generate(model, groups.pgs, prompts,
@@ -256,27 +253,12 @@ def megatron_exchange(rank, world, pp: int, ckpt: str, case: dict):
     with its media, scores them locally (``score_responses``) and has the peer score them
     through ``score_edges`` (prompts, grids and patch rows cross branches). On the last stage:
     the samples, the rollout's, the local and the peer's log-probs."""
-    from megatron_copd.checkpoint.model_io import load_model
-    from megatron_copd.checkpoint.meta import read_meta
-    from megatron_copd.config import RunConfig
-    from megatron_copd.config_base import from_dict
-    from megatron_copd.models.factory import build_model
     from megatron_copd.rollout.exchange import Edge, score_edges
     from megatron_copd.rollout.generation import generate
     from megatron_copd.rollout.sampling import SamplingParams
     from megatron_copd.rollout.scoring import score_responses
-    from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
-    from megatron_copd.runtime.megatron_state import init_megatron_state
 
-    meta = read_meta(ckpt)
-    names = ("a", "b")
-    cfg = from_dict(RunConfig, {"branches": [{"name": n} for n in names],
-                                "parallel": {"pp": pp}, "precision": {"dtype": "fp32"},
-                                "model": meta["model"]})
-    g = build_branch_groups(BranchLayout.from_world(names, world, tp=1, pp=pp))
-    init_megatron_state(g, 7)
-    model = build_model(cfg, g.pgs).eval()
-    load_model(model, g.pgs, ckpt, process_group=g.branch_group)
+    model, g, _ = load_world_model(world, ckpt, pp=pp, names=("a", "b"))
     rows = list(range(len(case["ids"])))
     prompts = [case["ids"][r][case["mask"][r].bool()].tolist() for r in rows]
     ro = generate(model, g.pgs, prompts,
@@ -311,19 +293,11 @@ def hf_response_logprobs(model, case: dict, row: int, response: list[int]) -> to
 def megatron_grads(rank, world, ckpt: str, case: dict, w: torch.Tensor):
     """Gradients of sum(logits * w) over the real positions of ``case`` (TP=1, training mode)
     for a few parameters of the vision tower, DeepStack and the language model."""
-    from megatron_copd.checkpoint.model_io import load_model
-    from megatron_copd.checkpoint.meta import read_meta
-    from megatron_copd.config import RunConfig
-    from megatron_copd.config_base import from_dict
-    from megatron_copd.models.factory import build_model
     from megatron_copd.models.qwen_vl.media import QwenVisualInputs
     from megatron_copd.models.qwen_vl.positions import mrope_position_ids
-    from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
-    from megatron_copd.runtime.megatron_state import init_megatron_state
-    meta = read_meta(ckpt)
-    cfg = from_dict(RunConfig, {"branches": [{"name": "a"}], "precision": {"dtype": "fp32"}, "model": meta["model"]})
-    g = build_branch_groups(BranchLayout.from_world(("a",), world, tp=1, pp=1)); init_megatron_state(g, 7)
-    model = build_model(cfg, g.pgs); load_model(model, g.pgs, ckpt); model.train()
+
+    model, _, _ = load_world_model(world, ckpt)
+    model.train()
     ids, mask = case["ids"], case["mask"]
     pos, _ = mrope_position_ids(ids, model.spec, case["image_grid_thw"], case["video_grid_thw"], mask)
     s = ids.shape[1]

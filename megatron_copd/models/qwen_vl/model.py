@@ -111,56 +111,34 @@ class QwenVLModel(CopdModel):
             runtime_gather_output=runtime_gather_output, **kwargs)
 
 
-def vision_config(cfg: RunConfig, spec: QwenVisionSpec, te: bool) -> TransformerConfig:
+def _tower_config(cfg: RunConfig, spec: QwenVisionSpec, te: bool, **shape) -> TransformerConfig:
+    """What the vision tower and its mergers share: one stage (the first), LayerNorm, biases,
+    BF16 even under FP8 (small GEMMs), no sequence parallelism and no recompute (the DeepStack
+    taps read layer outputs during the forward)."""
     kw = common_kwargs(cfg.parallel, cfg.precision, te)
     kw.update(
-        pipeline_model_parallel_size=1,  # the tower lives whole on the first stage
-        num_layers=spec.depth,
-        hidden_size=spec.hidden_size,
-        num_attention_heads=spec.num_heads,
-        num_query_groups=spec.num_heads,
-        ffn_hidden_size=spec.intermediate_size,
-        kv_channels=spec.head_dim,
-        normalization="LayerNorm",
-        layernorm_epsilon=spec.layer_norm_epsilon,
-        gated_linear_unit=False,
-        activation_func=gelu_tanh,
-        bias_activation_fusion=False,  # megatron fuses only exact GELU / SwiGLU
-        add_bias_linear=True,
-        add_qkv_bias=True,
-        init_method_std=cfg.model.init_std,
-        sequence_parallel=False,
-        # The DeepStack taps read layer outputs during the forward: no recompute in the tower.
-        recompute_granularity=None,
-        recompute_method=None,
-        recompute_num_layers=None,
-    )
-    drop_fp8(kw)  # vision GEMMs are small: keep them in BF16
+        pipeline_model_parallel_size=1, normalization="LayerNorm",
+        layernorm_epsilon=spec.layer_norm_epsilon, gated_linear_unit=False,
+        bias_activation_fusion=False,  # megatron fuses only exact GELU / SwiGLU with a bias
+        add_bias_linear=True, init_method_std=cfg.model.init_std, sequence_parallel=False,
+        recompute_granularity=None, recompute_method=None, recompute_num_layers=None, **shape)
+    drop_fp8(kw)
     return TransformerConfig(**kw)
+
+
+def vision_config(cfg: RunConfig, spec: QwenVisionSpec, te: bool) -> TransformerConfig:
+    return _tower_config(
+        cfg, spec, te, num_layers=spec.depth, hidden_size=spec.hidden_size,
+        num_attention_heads=spec.num_heads, num_query_groups=spec.num_heads,
+        ffn_hidden_size=spec.intermediate_size, kv_channels=spec.head_dim,
+        activation_func=gelu_tanh, add_qkv_bias=True)
 
 
 def merger_config(cfg: RunConfig, spec: QwenVisionSpec, te: bool) -> TransformerConfig:
-    kw = common_kwargs(cfg.parallel, cfg.precision, te)
-    kw.update(
-        pipeline_model_parallel_size=1,
-        num_layers=1,
-        hidden_size=spec.out_hidden_size,
+    return _tower_config(
+        cfg, spec, te, num_layers=1, hidden_size=spec.out_hidden_size,
         num_attention_heads=cfg.parallel.tp,  # unused by the MLP; must divide by TP
-        ffn_hidden_size=spec.merge_unit * spec.hidden_size,
-        normalization="LayerNorm",
-        layernorm_epsilon=spec.layer_norm_epsilon,
-        gated_linear_unit=False,
-        activation_func=F.gelu,
-        bias_activation_fusion=False,
-        add_bias_linear=True,
-        init_method_std=cfg.model.init_std,
-        sequence_parallel=False,
-        recompute_granularity=None,
-        recompute_method=None,
-        recompute_num_layers=None,
-    )
-    drop_fp8(kw)
-    return TransformerConfig(**kw)
+        ffn_hidden_size=spec.merge_unit * spec.hidden_size, activation_func=F.gelu)
 
 
 def build_qwen_vl(cfg: RunConfig, pgs: ProcessGroupCollection,
