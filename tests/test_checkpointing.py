@@ -442,3 +442,13 @@ def test_kill_during_save_sigterm_and_resume_are_bit_identical(tmp_path):
             assert got[it]["loss"] == want[it]["loss"], (branch, it)
             assert got[it]["grad_norm"] == want[it]["grad_norm"], (branch, it)
     assert not any(p.name.endswith(".tmp") for p in (ckpts / "text").iterdir())
+
+
+def test_a_model_section_added_later_and_unset_is_the_same_model():
+    """Checkpoints written before ``model.qwen_vl`` existed resume under configs that leave it
+    unset; a set section still differs."""
+    from megatron_copd.training.checkpointing import first_model_difference
+
+    assert first_model_difference({"hidden_size": 64}, {"hidden_size": 64, "qwen_vl": None}) is None
+    assert "model.qwen_vl" in first_model_difference({"hidden_size": 64},
+                                                     {"hidden_size": 64, "qwen_vl": {"depth": 2}})

@@ -496,6 +496,8 @@ def first_model_difference(saved: dict, current: dict, prefix: str = "model") ->
         if dotted.split(".", 1)[1] in _NOT_ARCHITECTURE:
             continue
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if (a, b) in (("<absent>", None), (None, "<absent>")):  # a later section, unset: same
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
             inner = first_model_difference(a, b, dotted)
             if inner:

@@ -54,8 +54,11 @@ def configured_toy_world(cfg: RunConfig, cache_dir: Path):
 
 def base_key(cfg: RunConfig, world, tokenizer_dir: str) -> str:
     d = cfg.data
+    model = to_dict(cfg.model)
+    if model.get("qwen_vl") is None:  # bases cached before the section existed keep their key
+        model.pop("qwen_vl", None)
     spec = {
-        "model": to_dict(cfg.model),
+        "model": model,
         "world": str(world.root.name),
         "tokenizer": Path(tokenizer_dir).name,
         "warmup": [d.base_seed, d.base_warmup_steps, d.base_warmup_batch, d.base_warmup_lr],
