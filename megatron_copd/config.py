@@ -26,6 +26,7 @@ from megatron_copd.config_base import (
     parse_override,
     to_dict,
 )
+from megatron_copd.config_checks import check_ranges
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "to_dict"]
 
@@ -449,13 +450,6 @@ class RunConfig:
 # Validation: everything that can be known before launching.
 
 
-def _check_positive(cfg: Any, prefix: str, names: list[str]) -> None:
-    for n in names:
-        v = getattr(cfg, n)
-        if v is not None and v < 1:
-            raise ConfigError(f"{prefix}.{n}: expected an integer >= 1, got {v}")
-
-
 def validate(
     cfg: RunConfig, world_size: int | None = None, check_device: bool = True
 ) -> RunConfig:
@@ -463,15 +457,8 @@ def validate(
 
     ``check_device=False`` skips the checks of this machine's GPU/TE (``copd check`` on a login
     node validates a GPU job's config)."""
-    from megatron_copd.config_checks import check_ranges
-
     check_ranges(cfg)  # every numeric field inside its domain (config_checks.CONSTRAINTS)
     m = cfg.model
-    _check_positive(
-        m,
-        "model",
-        ["vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups"],
-    )
     if m.num_attention_heads % m.num_query_groups:
         raise ConfigError(
             f"model.num_query_groups: {m.num_query_groups} must divide "
@@ -483,7 +470,6 @@ def validate(
             f"model.hidden_size ({m.hidden_size}) or set model.kv_channels"
         )
     p = cfg.parallel
-    _check_positive(p, "parallel", ["tp", "pp", "cp", "dp"])
     if m.num_attention_heads % p.tp:
         raise ConfigError(
             f"parallel.tp: {p.tp} must divide model.num_attention_heads ({m.num_attention_heads})"
@@ -533,18 +519,7 @@ def validate(
 
     _validate_edges(cfg.schedule, tuple(names))
 
-    g = cfg.grpo
-    _check_positive(g, "grpo", ["prompts_per_step", "group_size", "max_new_tokens"])
-    if not (0 <= g.eps_low < 1) or g.eps_high < 0:
-        raise ConfigError("grpo.eps_low/eps_high: expected 0 <= eps_low < 1 and eps_high >= 0")
-    if g.temperature <= 0:
-        raise ConfigError(f"grpo.temperature: expected > 0, got {g.temperature}")
-    if not 0 < g.top_p <= 1:
-        raise ConfigError(f"grpo.top_p: expected in (0, 1], got {g.top_p}")
-
     s = cfg.schedule
-    if s.cycles < 0 or s.s_rl < 0 or s.s_opd < 0:
-        raise ConfigError("schedule.cycles/s_rl/s_opd: expected integers >= 0")
     if s.adaptive and not 0 <= s.overlap_floor < s.overlap_ceiling <= 1:
         raise ConfigError(
             "schedule.overlap_floor/overlap_ceiling: expected 0 <= floor < ceiling <= 1"
@@ -584,6 +559,7 @@ def _validate_edges(s: ScheduleConfig, names: tuple[str, ...]) -> None:
 
 def validate_qwen_vl(m: ModelConfig, p: ParallelConfig) -> None:
     q = m.qwen_vl
+    check_ranges(q, "model.qwen_vl.")  # also for configs read from HF (not through validate)
     if m.vision is not None:
         raise ConfigError("model.qwen_vl: set either model.vision (CLIP-style) or model.qwen_vl, "
                           "not both")
@@ -610,13 +586,9 @@ def validate_qwen_vl(m: ModelConfig, p: ParallelConfig) -> None:
         raise ConfigError(f"parallel.pp: {p.pp} stages leave {m.num_layers // p.pp} decoder "
                           f"layers on the first stage, but DeepStack adds vision features to "
                           f"the first {len(q.deepstack_visual_indexes)}; use a smaller pp")
-    if not 0 < q.min_pixels <= q.max_pixels:
-        raise ConfigError(f"model.qwen_vl.min_pixels: {q.min_pixels} must be in "
-                          f"[1, max_pixels = {q.max_pixels}]")
-    for k in ("patch_size", "temporal_patch_size", "spatial_merge_size", "depth",
-              "intermediate_size", "max_frames"):
-        if getattr(q, k) < 1:
-            raise ConfigError(f"model.qwen_vl.{k}: must be >= 1, got {getattr(q, k)}")
+    if q.min_pixels > q.max_pixels:
+        raise ConfigError(f"model.qwen_vl.min_pixels: {q.min_pixels} exceeds max_pixels "
+                          f"({q.max_pixels})")
 
 
 def _validate_precision(cfg: RunConfig, check_device: bool) -> None:

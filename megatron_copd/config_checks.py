@@ -139,9 +139,10 @@ def numeric_fields(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
-def check_ranges(cfg: Any) -> None:
-    """ConfigError (one line, the field's name) for the first numeric value outside its domain."""
-    _walk(cfg, "", "")
+def check_ranges(cfg: Any, prefix: str = "") -> None:
+    """ConfigError (one line, the field's name) for the first numeric value outside its domain.
+    ``cfg``: a RunConfig, or one of its sections with its dotted ``prefix`` (``"model.qwen_vl."``)."""
+    _walk(cfg, prefix, prefix)
 
 
 def _walk(obj: Any, key: str, table_key: str) -> None:

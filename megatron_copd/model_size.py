@@ -43,9 +43,14 @@ def decoder_layer_params(m: ModelConfig) -> int:
     return attention + mlp + norms
 
 
+def vit_layer_params(h: int, f: int) -> int:
+    """A ViT block: attention with biases, GELU MLP with biases, 2 LayerNorms."""
+    return (4 * h * h + 4 * h) + (2 * h * f + f + h) + 4 * h
+
+
 def vision_params(v: VisionConfig, lm_hidden: int) -> int:
     h, f = v.hidden_size, v.ffn_hidden_size
-    layer = (4 * h * h + 4 * h) + (2 * h * f + f + h) + 4 * h  # attn+bias, mlp+bias, 2 LayerNorms
+    layer = vit_layer_params(h, f)
     patches = (v.image_size // v.patch_size) ** 2 + (1 if v.class_token else 0)
     stem = 3 * v.patch_size**2 * h + patches * h + (h if v.class_token else 0) + 2 * h
     projector = h * lm_hidden + lm_hidden + lm_hidden * lm_hidden + lm_hidden
@@ -56,7 +61,7 @@ def qwen_vl_params(q: QwenVLConfig, lm_hidden: int) -> int:
     """Qwen3-VL's vision tower: patch embedding, learned positions, blocks, the merger and one
     merger per DeepStack layer."""
     h, f = q.hidden_size, q.intermediate_size
-    layer = (4 * h * h + 4 * h) + (2 * h * f + f + h) + 4 * h  # attn+bias, mlp+bias, 2 LayerNorms
+    layer = vit_layer_params(h, f)
     stem = 3 * q.temporal_patch_size * q.patch_size**2 * h + h + q.num_position_embeddings * h
     u = q.spatial_merge_size**2 * h
     merger = u * u + u + u * lm_hidden + lm_hidden

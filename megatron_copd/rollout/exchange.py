@@ -169,9 +169,9 @@ class _Request:
             rows = [v for v in (pix.pixel_values, pix.pixel_values_videos) if v is not None]
             pix = torch.cat(rows) if rows else None
         n_img = 0 if pix is None else pix.shape[0]
-        h, w = (pix.shape[-2], pix.shape[-1]) if n_img and pix.dim() == 4 else (0, 0)
-        if n_img and pix.dim() == 2:  # Qwen-VL patch rows
-            h = pix.shape[1]
+        h, w = 0, 0
+        if n_img:  # [n, 3, H, W] images, or Qwen-VL patch rows [rows, patch_dim] (W = 0)
+            h, w = (pix.shape[2], pix.shape[3]) if pix.dim() == 4 else (pix.shape[1], 0)
         code = _PIXEL_DTYPES.index(pix.dtype) if n_img else 0
         header = torch.tensor(
             [len(ro.prompts), ro.num_samples, len(flat_prompts), resp.numel(), n_img, h, w, code,

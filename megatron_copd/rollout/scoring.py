@@ -28,7 +28,7 @@ from megatron.core.utils import get_model_config, unwrap_model
 
 from megatron_copd.models.precision import inference_precision, inference_width_multiple
 from megatron_copd.rollout import inputs, layout
-from megatron_copd.rollout.positions import mrope_spec, position_ids
+from megatron_copd.rollout.positions import position_ids
 from megatron_copd.rollout import vocab_parallel as vp
 from megatron_copd.rollout.generation import model_device
 
@@ -148,8 +148,6 @@ def score_packed(
     cols[:n] = (torch.arange(start, end, device=device)[None, :] - batch.left_pad[:, None]).clamp(
         min=0
     )
-    positions = torch.arange(width, device=device).expand(mb, width)
-    three_d = mrope_spec(model) is not None  # positions depend on the media (Qwen-VL)
     lengths = torch.zeros(num_mb * mb, dtype=torch.long, device=device)
     lengths[:n] = batch.valid.sum(dim=1)
     valid = torch.arange(width, device=device)[None, :] < lengths[:, None]
@@ -166,8 +164,8 @@ def score_packed(
                 "tokens": tokens[rows],
                 "labels": labels[rows],
                 "cols": cols[rows],
-                "position_ids": (position_ids(model, tokens[rows], valid[rows], media)
-                                 if three_d else positions),
+                # RoPE counts from column 0 here; a Qwen-VL model's 3-D ids follow the media.
+                "position_ids": position_ids(model, tokens[rows], valid[rows], media),
                 "pixels": media,
             }
         )

@@ -56,9 +56,6 @@ class QwenVLModel(CopdModel):
                          pg_collection)
         self.spec = spec
 
-    def encode_images(self, pixels):  # the CLIP path's entry point does not apply
-        raise NotImplementedError("QwenVLModel encodes media in embed()")
-
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
               pixels: QwenVisualInputs | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embeddings ``[s, b, h]`` with media features in place, and the DeepStack context."""
