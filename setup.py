@@ -12,7 +12,8 @@ MULTIMODAL = ["pillow>=10", "megatron-energon>=7.4,<8", "av>=12"]  # av: video f
 # machines (merely importing it makes megatron-core pick TE norms that break CPU runs).
 GPU = ["transformer-engine[pytorch]>=2.0"]
 PLOT = ["matplotlib>=3.8"]  # tools/plot_metrics.py
-TEST = ["pytest>=8", "pillow>=10", "av>=12"] + PLOT + HF  # av: the video-file tests run
+# av: the video-file tests run; hypothesis: the config / record fuzz test
+TEST = ["pytest>=8", "hypothesis>=6.100", "pillow>=10", "av>=12"] + PLOT + HF
 
 setup(
     name="megatron-copd",

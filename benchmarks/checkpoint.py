@@ -49,7 +49,8 @@ def build(name: str):
 
     model_cfg = MODELS[name] or load_yaml(default_config_path())["model"]
     cfg = from_dict(RunConfig, {
-        "branches": [{"name": "bench"}], "model": model_cfg, "precision": {"dtype": "fp32"},
+        "branches": [{"name": "bench", "domains": ["text"]}], "model": model_cfg,
+        "precision": {"dtype": "fp32"},
         "checkpoint": {"keep_last": 2},
     })
     groups = build_branch_groups(BranchLayout(("bench",)))

@@ -121,7 +121,7 @@ def _config(args, precision: dict):
     shape = dict(SHAPES[args.model])
     seq = max(args.seq_len, args.prompt_len + args.new_tokens)
     cfg = from_dict(RunConfig, {
-        "branches": [{"name": "bench"}],
+        "branches": [{"name": "bench", "domains": ["text"]}],
         "model": {**shape, "max_sequence_length": seq},
         "parallel": {"recompute": args.recompute},
         "precision": precision,

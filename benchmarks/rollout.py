@@ -80,7 +80,7 @@ def build():
     cfg = from_dict(
         RunConfig,
         {
-            "branches": [{"name": "bench"}],
+            "branches": [{"name": "bench", "domains": ["text"]}],
             "model": TOY_MODEL,
             "precision": {"dtype": "fp32"},
         },

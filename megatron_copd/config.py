@@ -26,7 +26,7 @@ from megatron_copd.config_base import (
     parse_override,
     to_dict,
 )
-from megatron_copd.config_checks import check_ranges
+from megatron_copd.config_checks import check_field, check_fields
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "to_dict"]
 
@@ -457,7 +457,7 @@ def validate(
 
     ``check_device=False`` skips the checks of this machine's GPU/TE (``copd check`` on a login
     node validates a GPU job's config)."""
-    check_ranges(cfg)  # every numeric field inside its domain (config_checks.CONSTRAINTS)
+    check_fields(cfg)  # every field inside its domain (config_checks.CONSTRAINTS)
     m = cfg.model
     if m.num_attention_heads % m.num_query_groups:
         raise ConfigError(
@@ -512,10 +512,10 @@ def validate(
     if len(set(names)) != len(names):
         raise ConfigError(f"branches: names must be unique, got {names}")
     for i, b in enumerate(cfg.branches):
-        if not b.name or not b.name.replace("_", "").replace("-", "").isalnum():
-            raise ConfigError(f"branches.{i}.name: expected letters, digits, '-' or '_'")
-        if not b.domains:
+        if not b.domains:  # the default: the branch's own name, which must then be a domain
             b.domains = [b.name]
+            check_field(cfg, "branches[].domains", b.domains, f"branches.{i}.domains")
+    _validate_data(cfg)
 
     _validate_edges(cfg.schedule, tuple(names))
 
@@ -544,6 +544,32 @@ def validate(
     return cfg
 
 
+def _validate_data(cfg: RunConfig) -> None:
+    """The data settings the chosen world reads are there, and the ones it ignores are not."""
+    d = cfg.data
+    if d.world == "files":
+        if not d.tokenizer:
+            raise ConfigError("data.tokenizer: required when data.world is 'files'")
+        for i, b in enumerate(cfg.branches):
+            if not b.train_data:
+                raise ConfigError(f"branches.{i}.train_data: data.world is 'files' but no "
+                                  "file is listed")
+        if d.toy != ToyWorldConfig():
+            raise ConfigError("data.toy: used only with data.world 'toy'; remove it")
+        return
+    for i, b in enumerate(cfg.branches):
+        for key in ("train_data", "eval_data"):
+            if getattr(b, key):
+                raise ConfigError(f"branches.{i}.{key}: used only with data.world 'files' (the "
+                                  "toy world generates its data); set data.world: files")
+    if d.tokenizer:
+        raise ConfigError("data.tokenizer: used only with data.world 'files' (the toy world "
+                          "builds its own tokenizer); remove it")
+    if d.toy.text_min_steps > d.toy.text_max_steps:
+        raise ConfigError(f"data.toy.text_min_steps: {d.toy.text_min_steps} exceeds "
+                          f"data.toy.text_max_steps ({d.toy.text_max_steps})")
+
+
 def _validate_edges(s: ScheduleConfig, names: tuple[str, ...]) -> None:
     """Distillation edges exist, name branches, and are never given where nothing uses them."""
     from megatron_copd.training.topology import build_edges
@@ -559,7 +585,7 @@ def _validate_edges(s: ScheduleConfig, names: tuple[str, ...]) -> None:
 
 def validate_qwen_vl(m: ModelConfig, p: ParallelConfig) -> None:
     q = m.qwen_vl
-    check_ranges(q, "model.qwen_vl.")  # also for configs read from HF (not through validate)
+    check_fields(q, "model.qwen_vl.")  # also for configs read from HF (not through validate)
     if m.vision is not None:
         raise ConfigError("model.qwen_vl: set either model.vision (CLIP-style) or model.qwen_vl, "
                           "not both")

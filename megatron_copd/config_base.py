@@ -50,6 +50,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:  # Optional[X]: X's own error, naming the inner key
+            return _coerce(value, real[0], key)
         errors = []
         for arg in args:
             if arg is type(None):

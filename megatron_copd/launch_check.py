@@ -300,17 +300,21 @@ def _paths(r: Report, cfg: RunConfig) -> None:
     if cfg.data.world == "toy":
         r.row("data", "toy world (generated and cached on first use)")
     for i, b in enumerate(cfg.branches):
-        if cfg.data.world == "files" and not b.train_data:
-            r.problems.append(
-                f"branches.{i}.train_data: data.world is 'files' but no file is listed"
-            )
         for j, path in enumerate(b.train_data):
             _path_row(r, f"branches.{i}.train_data.{j}", path)
         for j, path in enumerate(b.eval_data):
             _path_row(r, f"branches.{i}.eval_data.{j}", path)
     _path_row(r, "data.tokenizer", cfg.data.tokenizer, "dir")
-    if cfg.data.world == "files" and not cfg.data.tokenizer:
-        r.problems.append("data.tokenizer: data.world is 'files' but no tokenizer is set")
+    if cfg.data.world == "files" and not any(p.startswith("branches.") for p in r.problems):
+        from megatron_copd.errors import UserError
+        from megatron_copd.training.branch_data import file_sources
+
+        try:  # every row of every file, as the run will read them
+            sources = file_sources(cfg)
+            rows = {b: len(recs) for b, recs in sources.train.items()}
+            r.row("data rows", ", ".join(f"{b}: {n}" for b, n in rows.items()))
+        except UserError as e:
+            r.problems.append(str(e))
 
 
 def _base_checkpoint(r: Report, cfg: RunConfig) -> None:

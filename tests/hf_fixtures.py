@@ -121,8 +121,8 @@ def megatron_worker(rank, world, tp: int, jobs: list[dict]):
 
     out = []
     for job in jobs:
-        cfg = from_dict(RunConfig, {"branches": [{"name": "a"}], "parallel": {"tp": tp},
-                                    "model": job["model"]})
+        cfg = from_dict(RunConfig, {"branches": [{"name": "a", "domains": ["text"]}],
+                                    "parallel": {"tp": tp}, "model": job["model"]})
         groups = build_branch_groups(BranchLayout.from_world(("a",), world, tp=tp, pp=1))
         init_megatron_state(groups, job.get("seed", 99))
         model = build_model(cfg, groups.pgs, image_token_id=IMAGE_TOKEN).eval()

@@ -35,7 +35,8 @@ def tiny_config(tp: int = 1, pp: int = 1, vision: bool = False, max_len: int = 1
             "ffn_hidden_size": 64,
         }
     return from_dict(
-        RunConfig, {"branches": [{"name": "a"}], "model": model, "parallel": {"tp": tp, "pp": pp}}
+        RunConfig, {"branches": [{"name": "a", "domains": ["text"]}], "model": model,
+                    "parallel": {"tp": tp, "pp": pp}}
     )
 
 

@@ -68,7 +68,8 @@ def test_base_config_is_merged_and_loops_are_refused(tmp_path):
         "model: {hidden_size: 64, num_layers: 2}\nbranches: [{name: a}, {name: b}]\n"
         "grpo: {group_size: 4}\n")
     (tmp_path / "run.yaml").write_text(
-        "base: common.yaml\nmodel: {num_layers: 4}\nbranches: [{name: x}, {name: y}]\n")
+        "base: common.yaml\nmodel: {num_layers: 4}\n"
+        "branches: [{name: x, domains: [text]}, {name: y, domains: [image]}]\n")
     cfg = load_config(tmp_path / "run.yaml")
     assert (cfg.model.hidden_size, cfg.model.num_layers) == (64, 4)  # merged mapping
     assert cfg.branch_names == ("x", "y")  # lists replace

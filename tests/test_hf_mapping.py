@@ -170,7 +170,8 @@ def _keys_worker(rank, world, model_cfg):
     from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
     from megatron_copd.runtime.megatron_state import init_megatron_state
 
-    cfg = from_dict(RunConfig, {"branches": [{"name": "a"}], "model": model_cfg})
+    cfg = from_dict(RunConfig, {"branches": [{"name": "a", "domains": ["text"]}],
+                                "model": model_cfg})
     groups = build_branch_groups(BranchLayout.from_world(("a",), world, tp=1, pp=1))
     init_megatron_state(groups, 1)
     model = build_model(cfg, groups.pgs, image_token_id=4)

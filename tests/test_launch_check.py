@@ -64,7 +64,7 @@ def test_memory_problem_and_bad_hub(tmp_path):
     r = check(None, [f"run_dir={tmp_path}"], nodes=1, gpus_per_node=2, gpu_memory_gb=0.001)
     assert any(p.startswith("memory: weights, gradients and optimizer") for p in r.problems)
     r = check(None, ["schedule.topology=hub", "schedule.hub=audio"], nodes=1, gpus_per_node=2)
-    assert "schedule.hub: unknown branch 'audio'; branches are ['text', 'image']" in r.problems
+    assert "schedule.hub: unknown branch 'audio'; expected one of ['text', 'image']" in r.problems
 
 
 def _fake_checkpoint(path, model: dict | None):

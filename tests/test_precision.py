@@ -24,7 +24,7 @@ H100 = (9, 0)
 
 def cfg_of(precision: dict | None = None, parallel: dict | None = None, layers: int = 4):
     return from_dict(RunConfig, {
-        "branches": [{"name": "a"}],
+        "branches": [{"name": "a", "domains": ["text"]}],
         "model": {"hidden_size": 64, "num_layers": layers, "ffn_hidden_size": 128,
                   "num_attention_heads": 4, "num_query_groups": 2},
         "parallel": parallel or {},

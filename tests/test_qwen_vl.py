@@ -150,10 +150,10 @@ def test_refusals():
             qwen3_vl_from_hf(d)
     model = to_dict(qwen3_vl_from_hf(F.config().to_dict()).model)  # DeepStack into layers 0, 1
     with pytest.raises(ConfigError, match="parallel.pp"):
-        validate(from_dict(RunConfig, {"branches": [{"name": "a"}], "parallel": {"pp": 4},
-                                       "model": model}))
+        validate(from_dict(RunConfig, {"branches": [{"name": "a", "domains": ["text"]}],
+                                       "parallel": {"pp": 4}, "model": model}))
     with pytest.raises(ConfigError, match="model.qwen_vl: set either"):
-        validate(from_dict(RunConfig, {"branches": [{"name": "a"}],
+        validate(from_dict(RunConfig, {"branches": [{"name": "a", "domains": ["text"]}],
                                        "model": {**model, "vision": {}}}))
 
 

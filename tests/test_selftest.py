@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_plain_selftest_pipeline_two_stages(tmp_path):
     """1 branch x PP2 = 2 local ranks: groups, PP hidden-state hand-off, logits, param counts."""
-    overrides = ["branches=[{name: solo}]", "parallel.pp=2", f"run_dir={tmp_path}"]
+    overrides = ["branches=[{name: solo, domains: [text]}]", "parallel.pp=2",
+                 f"run_dir={tmp_path}"]
     p = subprocess.run(
         [sys.executable, "-m", "megatron_copd.cli", "selftest", *overrides, "--p2p-mb", "0.1"],
         cwd=REPO,

@@ -97,8 +97,12 @@ class _RowChecker:
         default_domain: str | None,
         check_media: bool,
         known_rewards: Collection[str] | None,
+        domains: Collection[str] | None = None,
+        media: bool = True,
     ):
         self.where = where
+        self.domains = domains
+        self.media = media
         self.base_dir = base_dir
         self.default_domain = default_domain
         self.check_media = check_media
@@ -161,10 +165,16 @@ class _RowChecker:
             raise self.fail(f"{label}: file not found: {p}")
         return str(p)
 
+    def no_media(self, name: str) -> None:
+        if not self.media:
+            raise self.fail(f"field '{name}': the model has no vision tower (model.vision / "
+                            "model.qwen_vl unset); remove the media or use a vision model")
+
     def images(self, row: dict) -> list[str]:
         v = row.get("images")
         if v is None:
             return []
+        self.no_media("images")
         if not isinstance(v, list):
             raise self.fail(f"field 'images': expected a list of file paths, got {_show(v)}")
         return [self.media_path(f"images[{i}]", p) for i, p in enumerate(v)]
@@ -173,6 +183,7 @@ class _RowChecker:
         v = row.get("video")
         if v is None:
             return None
+        self.no_media("video")
         if isinstance(v, str):
             return self.media_path("video", v)
         if not isinstance(v, list) or not v:
@@ -199,6 +210,9 @@ class _RowChecker:
             domain = self.default_domain
         else:
             domain = self.text(row, "domain")
+        if self.domains is not None and domain not in self.domains:
+            raise self.fail(f"field 'domain': {domain!r} is not one of this data's domains "
+                            f"{sorted(self.domains)}")
         prompt = self.text(row, "prompt")
         answer = self.answer(row)
         images = self.images(row)
@@ -256,13 +270,8 @@ def _rows(path: Path, shown: str) -> Iterator[tuple[str, Any]]:
     )
 
 
-def _load(
-    path: str | os.PathLike,
-    seen: dict[str, str],
-    default_domain: str | None,
-    check_media: bool,
-    known_rewards: Collection[str] | None,
-) -> list[PromptRecord]:
+def _load(path: str | os.PathLike, seen: dict[str, str], checks: dict[str, Any]
+          ) -> list[PromptRecord]:
     shown = os.fspath(path)
     p = Path(shown).expanduser()
     if not p.is_file():
@@ -270,7 +279,7 @@ def _load(
     base_dir = p.resolve().parent
     out: list[PromptRecord] = []
     for where, row in _rows(p, shown):
-        rec = _RowChecker(where, base_dir, default_domain, check_media, known_rewards).check(row)
+        rec = _RowChecker(where, base_dir, **checks).check(row)
         if rec.id in seen:
             raise DataError(f"{where}: duplicate id {rec.id!r} (first at {seen[rec.id]})")
         seen[rec.id] = where
@@ -286,14 +295,19 @@ def load_records(
     default_domain: str | None = None,
     check_media: bool = True,
     known_rewards: Collection[str] | None = None,
+    domains: Collection[str] | None = None,
+    media: bool = True,
 ) -> list[PromptRecord]:
     """Load and validate every row of one ``.jsonl`` or ``.parquet`` file.
 
     ``default_domain`` fills rows without a ``domain``; ``check_media=False`` skips the
     existence check of image/video files; ``known_rewards`` (e.g. ``available_verifiers()``)
-    makes an unknown ``reward`` name a load-time error. Raises DataError on the first bad row.
+    makes an unknown ``reward`` name a load-time error; ``domains`` makes a row of any other
+    domain one; ``media=False`` (a text-only model) refuses rows with images or video.
+    Raises DataError on the first bad row.
     """
-    return _load(path, {}, default_domain, check_media, known_rewards)
+    return load_many([path], default_domain=default_domain, check_media=check_media,
+                     known_rewards=known_rewards, domains=domains, media=media)
 
 
 def load_many(
@@ -302,17 +316,22 @@ def load_many(
     default_domain: str | None = None,
     check_media: bool = True,
     known_rewards: Collection[str] | None = None,
+    domains: Collection[str] | None = None,
+    media: bool = True,
 ) -> list[PromptRecord]:
-    """Load several files in order and concatenate; ids must be unique across all of them."""
+    """Load several files in order and concatenate; ids must be unique across all of them.
+    The checks are :func:`load_records`'s."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = list(paths)
     if not paths:
         raise DataError("no data files given: expected at least one .jsonl or .parquet path")
+    checks = dict(default_domain=default_domain, check_media=check_media,
+                  known_rewards=known_rewards, domains=domains, media=media)
     seen: dict[str, str] = {}
     out: list[PromptRecord] = []
     for p in paths:
-        out.extend(_load(p, seen, default_domain, check_media, known_rewards))
+        out.extend(_load(p, seen, checks))
     return out
 
 

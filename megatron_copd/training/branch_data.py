@@ -42,7 +42,14 @@ def toy_sources(cfg: RunConfig, world) -> DataSources:
 
 
 def file_sources(cfg: RunConfig) -> DataSources:
-    """JSONL / Parquet files named by each branch's train_data / eval_data."""
+    """JSONL / Parquet files named by each branch's train_data / eval_data. Every row is checked
+    (one DataError line naming file, line and field): its domain is one of its branch's (any
+    branch's for held-out files), its verifier exists, it has media only if the model has a
+    vision tower; and every domain of a branch has training rows."""
+    from megatron_copd.rewards import available_verifiers
+
+    checks = dict(known_rewards=available_verifiers(), media=cfg.model.vision_side is not None)
+    every_domain = {d for b in cfg.branches for d in b.domains}
     train: dict[str, list[PromptRecord]] = {}
     evals: dict[str, list[PromptRecord]] = {}
     for i, b in enumerate(cfg.branches):
@@ -52,8 +59,15 @@ def file_sources(cfg: RunConfig) -> DataSources:
             for p in paths:
                 if not Path(p).exists():
                     raise ConfigError(f"branches.{i}.{key}: file not found: {p}")
-        train[b.name] = load_many(b.train_data, default_domain=b.domains[0])
-        for rec in load_many(b.eval_data, default_domain=b.domains[0]) if b.eval_data else []:
+        train[b.name] = load_many(b.train_data, default_domain=b.domains[0], domains=b.domains,
+                                  **checks)
+        empty = sorted(set(b.domains) - {r.domain for r in train[b.name]})
+        if empty:
+            raise DataError(f"branches.{i}.train_data: no rows for domain(s) {empty} of branch "
+                            f"{b.name!r} in {b.train_data}")
+        held_out = load_many(b.eval_data, default_domain=b.domains[0], domains=every_domain,
+                             **checks) if b.eval_data else []
+        for rec in held_out:
             evals.setdefault(rec.domain, []).append(rec)
     for d in evals:
         evals[d] = evals[d][: cfg.eval.max_items]

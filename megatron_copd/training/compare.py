@@ -126,6 +126,12 @@ def compare_command(config_path: str | None, overrides: list[str], seeds: int = 
                     out: str | None = None, only: list[str] | None = None) -> int:
     cfg = load_config(config_path, overrides)
     plan = select(variants(cfg), only)
+    for v in plan:  # every variant's own config is valid before the first run starts
+        load_config(config_path, [*overrides, *v.overrides])
+    if cfg.data.world == "files":  # and so are the data files (one line naming file and row)
+        from megatron_copd.training.branch_data import file_sources
+
+        file_sources(cfg)
     out_dir = Path(out or Path(cfg.run_dir) / "compare")
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [(v, seed) for v in plan for seed in range(seeds)]

@@ -33,12 +33,11 @@ from megatron_copd.data.prompting import encode_prompt, encode_response
 from megatron_copd.data.records import load_many
 from megatron_copd.data.sampler import MixedSampler, PromptSampler
 from megatron_copd.rollout.positions import position_ids
+from megatron_copd.data.toy.world import DOMAINS
 from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
 from megatron_copd.runtime.megatron_state import init_megatron_state
 from megatron_copd.training.losses import sft_loss
 from megatron_copd.training.samples import SampleSet, build_micro_batches
-
-DOMAINS = ("text", "image", "video")
 
 
 def configured_toy_world(cfg: RunConfig, cache_dir: Path):

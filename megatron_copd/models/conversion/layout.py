@@ -16,7 +16,7 @@ from megatron_copd.config import (
 def check_layout(model: ModelConfig, tp: int, pp: int) -> None:
     """ConfigError (one line, naming the key) when ``model`` cannot run at TP=tp, PP=pp."""
     cfg = RunConfig(model=model, parallel=ParallelConfig(tp=tp, pp=pp),
-                    branches=[BranchConfig(name="base")])
+                    branches=[BranchConfig(name="base", domains=["text"])])
     validate(cfg, world_size=tp * pp)
     if model.vocab_size % tp:
         # megatron's vocab-parallel embedding and output layer split the vocabulary evenly
