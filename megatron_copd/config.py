@@ -59,10 +59,15 @@ class VisionConfig:
 
 @dataclass
 class QwenVLConfig:
-    """Qwen3-VL's vision side: native-resolution ViT (Conv3d patches, learned + 2-D rotary
-    positions, 2x2 merger, DeepStack), multimodal RoPE and the media token ids. Set it (instead of
-    ``model.vision``) to build a Qwen3-VL-shaped model; the decoder is the Qwen3 one above."""
+    """The Qwen-VL vision side: native-resolution ViT (Conv3d patches, 2-D rotary positions, 2x2
+    merger), multimodal RoPE and the media token ids. Set it (instead of ``model.vision``) to
+    build a Qwen-VL model; the decoder is the one above (family qwen3 for Qwen3-VL, qwen2 for
+    Qwen2.5-VL)."""
 
+    version: Literal["qwen3_vl", "qwen2_5_vl"] = "qwen3_vl"
+    """qwen3_vl: LayerNorm / GELU tower, learned positions, DeepStack, interleaved MRoPE, a
+    timestamp per video frame; qwen2_5_vl: RMSNorm / SwiGLU tower with windowed attention
+    (full attention in ``fullatt_block_indexes``), block MRoPE, video time in positions."""
     depth: int = 2
     """Vision transformer layers."""
     hidden_size: int = 32
@@ -101,14 +106,21 @@ class QwenVLConfig:
     """Pixel budget per image: a larger image is refused (one line naming the record)."""
     max_frames: int = 32
     """Frames sampled evenly from a video (padded to a multiple of temporal_patch_size)."""
+    window_size: int = 112
+    """qwen2_5_vl: side in pixels of the square windows vision attention stays inside."""
+    fullatt_block_indexes: list[int] = field(default_factory=list)
+    """qwen2_5_vl: vision layers that attend over the whole frame instead of a window."""
+    tokens_per_second: float = 2.0
+    """qwen2_5_vl: temporal position step per second of video (x seconds per temporal patch)."""
 
 
 @dataclass
 class ModelConfig:
     """A Qwen3/Llama-shaped decoder (RoPE, RMSNorm, SwiGLU, GQA), optionally with vision."""
 
-    family: Literal["qwen3", "llama"] = "qwen3"
-    """qwen3 (QK-norm by default) or llama; decides defaults and the Hugging Face export."""
+    family: Literal["qwen3", "llama", "qwen2"] = "qwen3"
+    """qwen3 (QK-norm by default), llama, or qwen2 (bias on Q/K/V; the decoder of Qwen2.5-VL);
+    decides defaults and the Hugging Face export."""
     vocab_size: int = 512
     """Embedding rows; >= the tokenizer's vocabulary (the toy tokenizer is trained to this size)."""
     hidden_size: int = 128
@@ -138,7 +150,7 @@ class ModelConfig:
     vision: VisionConfig | None = None
     """Set to a mapping to build the VLM; null for a text-only LM."""
     qwen_vl: QwenVLConfig | None = None
-    """Set to a mapping to build a Qwen3-VL-shaped VLM (family qwen3); null otherwise."""
+    """Set to a mapping to build a Qwen-VL model (Qwen3-VL or Qwen2.5-VL); null otherwise."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Further megatron TransformerConfig fields, passed through unchanged."""
 
@@ -154,6 +166,10 @@ class ModelConfig:
     @property
     def use_qk_norm(self) -> bool:
         return self.family == "qwen3" if self.qk_layernorm is None else self.qk_layernorm
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.family == "qwen2"
 
 
 @dataclass
@@ -589,9 +605,11 @@ def validate_qwen_vl(m: ModelConfig, p: ParallelConfig) -> None:
     if m.vision is not None:
         raise ConfigError("model.qwen_vl: set either model.vision (CLIP-style) or model.qwen_vl, "
                           "not both")
-    if not m.use_qk_norm:
+    if q.version == "qwen3_vl" and (m.family != "qwen3" or not m.use_qk_norm):
         raise ConfigError("model.qwen_vl: the Qwen3-VL decoder has QK-norm; needs family qwen3 "
                           "and qk_layernorm unset or true")
+    if q.version == "qwen2_5_vl":
+        _validate_qwen2_5_vl(m, q)
     if len(q.mrope_section) != 3 or 2 * sum(q.mrope_section) != m.head_dim:
         raise ConfigError(f"model.qwen_vl.mrope_section: {q.mrope_section} must be 3 numbers "
                           f"summing to head_dim / 2 = {m.head_dim // 2}")
@@ -615,6 +633,25 @@ def validate_qwen_vl(m: ModelConfig, p: ParallelConfig) -> None:
     if q.min_pixels > q.max_pixels:
         raise ConfigError(f"model.qwen_vl.min_pixels: {q.min_pixels} exceeds max_pixels "
                           f"({q.max_pixels})")
+
+
+def _validate_qwen2_5_vl(m: ModelConfig, q: QwenVLConfig) -> None:
+    if m.family != "qwen2" or m.use_qk_norm:
+        raise ConfigError("model.qwen_vl.version: qwen2_5_vl's decoder is Qwen2 (Q/K/V bias, no "
+                          "QK-norm); needs model.family qwen2 and qk_layernorm unset or false")
+    for key, ok in (("deepstack_visual_indexes", not q.deepstack_visual_indexes),
+                    ("mrope_interleaved", not q.mrope_interleaved)):
+        if not ok:
+            raise ConfigError(f"model.qwen_vl.{key}: Qwen3-VL only; qwen2_5_vl has "
+                              f"{'no DeepStack' if key[0] == 'd' else 'block MRoPE (false)'}")
+    bad = [i for i in q.fullatt_block_indexes if not 0 <= i < q.depth]
+    if bad:
+        raise ConfigError(f"model.qwen_vl.fullatt_block_indexes: {bad} lie outside the "
+                          f"{q.depth} vision layers")
+    unit = q.patch_size * q.spatial_merge_size
+    if q.window_size % unit:
+        raise ConfigError(f"model.qwen_vl.window_size: {q.window_size} must be a multiple of "
+                          f"patch_size x spatial_merge_size = {unit}")
 
 
 def _validate_precision(cfg: RunConfig, check_device: bool) -> None:

@@ -203,7 +203,9 @@ CONSTRAINTS: dict[str, Any] = {
     "model.qwen_vl.image_token_id": NONNEG, "model.qwen_vl.video_token_id": NONNEG,
     "model.qwen_vl.vision_start_token_id": NONNEG, "model.qwen_vl.vision_end_token_id": NONNEG,
     "model.qwen_vl.min_pixels": ONE, "model.qwen_vl.max_pixels": ONE,
-    "model.qwen_vl.max_frames": ONE,
+    "model.qwen_vl.max_frames": ONE, "model.qwen_vl.version": TYPED,
+    "model.qwen_vl.window_size": ONE, "model.qwen_vl.fullatt_block_indexes": NONNEG,
+    "model.qwen_vl.tokens_per_second": POS,
     # parallel / precision / branches
     "parallel.tp": ONE, "parallel.pp": ONE, "parallel.cp": ONE, "parallel.dp": ONE,
     "parallel.sequence_parallel": TYPED, "parallel.distributed_optimizer": TYPED,

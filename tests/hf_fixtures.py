@@ -39,6 +39,8 @@ def text_config(family: str, tie: bool = False, **kw):
     common.update(kw)
     if family == "qwen3":
         return T.Qwen3Config(**common)
+    if family == "qwen2":  # Q/K/V bias, no QK-norm (Qwen2.5's decoder)
+        return T.Qwen2Config(**common)
     return T.LlamaConfig(attention_bias=False, mlp_bias=False, **common)
 
 

@@ -1,5 +1,6 @@
-"""A tiny Qwen3-VL built by transformers from a config (random weights, no hub), hand-made
-multimodal batches for it, and a megatron worker that loads the converted weights at TP/PP."""
+"""A tiny Qwen3-VL or Qwen2.5-VL built by transformers from a config (random weights, no hub),
+hand-made multimodal batches for it, and a megatron worker that loads the converted weights at
+TP/PP."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from hf_fixtures import _randomise
 VOCAB = 300
 IMAGE, VIDEO, V_START, V_END = 290, 291, 292, 293
 PATCH_DIM = 3 * 2 * 16 * 16
+PATCH_DIM_25 = 3 * 2 * 14 * 14
 
 
 def config(deepstack=(0, 1), depth: int = 2, tie: bool = True, layers: int = 4):
@@ -30,11 +32,32 @@ def config(deepstack=(0, 1), depth: int = 2, tie: bool = True, layers: int = 4):
                            vision_end_token_id=V_END, tie_word_embeddings=tie)
 
 
+def config25(depth: int = 4, fullatt=(1, 3), tie: bool = False, layers: int = 4):
+    """A tiny Qwen2.5-VL: 14-pixel patches, 56-pixel windows (2 x 2 merged tokens), so the
+    cases' images span several windows of different sizes."""
+    import transformers as T
+
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                rms_norm_eps=1e-6, tie_word_embeddings=tie,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [2, 3, 3]},
+                bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    vision = dict(depth=depth, hidden_size=32, num_heads=2, intermediate_size=48,
+                  out_hidden_size=64, patch_size=14, temporal_patch_size=2, spatial_merge_size=2,
+                  window_size=56, fullatt_block_indexes=list(fullatt), tokens_per_second=2)
+    return T.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE,
+                              video_token_id=VIDEO, vision_start_token_id=V_START,
+                              vision_end_token_id=V_END, tie_word_embeddings=tie)
+
+
 def build(cfg, seed: int = 0):
     import transformers as T
 
     torch.manual_seed(seed)
-    model = T.Qwen3VLForConditionalGeneration(cfg)
+    cls = (T.Qwen3VLForConditionalGeneration if cfg.model_type == "qwen3_vl"
+           else T.Qwen2_5_VLForConditionalGeneration)
+    model = cls(cfg)
     _randomise(model, seed)
     return model.eval()
 
@@ -48,15 +71,18 @@ def _media(token, grid):
     return [V_START] + [token] * (t * h * w // 4) + [V_END]
 
 
-def make_case(name: str, seed: int = 0) -> dict:
+def make_case(name: str, seed: int = 0, version: str = "qwen3_vl") -> dict:
     """Rows of token ids (left-padded to one length) with their images / video frames.
 
     text: two text rows; image: one 4x4-patch image; two_images: a 4x4 and a 6x4 image in one
-    row; video: a 2-frame video (two 2-frame temporal patches) written per frame with a
-    timestamp, as Qwen3-VL's template does; mixed: a batch of an image row, a video row and a
-    text row of different lengths (left padding)."""
+    row; video: a 2-frame video (two 2-frame temporal patches), for Qwen3-VL written per frame
+    with a timestamp, as its template does (Qwen2.5-VL: one run); mixed: a batch of an image
+    row, a video row and a text row of different lengths (left padding). Qwen2.5-VL's images
+    are larger (8x6 and 6x10 patches), so that they span windows of different sizes."""
     g = torch.Generator().manual_seed(seed)
     rows, images, videos = [], [], []
+    if version == "qwen2_5_vl":
+        return _case25(name, g)
     if name == "text":
         rows = [_text(g, 12), _text(g, 12)]
     elif name == "image":
@@ -79,6 +105,34 @@ def make_case(name: str, seed: int = 0) -> dict:
                 _text(g, 5)]
     else:
         raise ValueError(name)
+    return _batch(rows, images, videos, g, PATCH_DIM)
+
+
+def _case25(name: str, g) -> dict:
+    rows, images, videos = [], [], []
+    if name == "text":
+        rows = [_text(g, 12), _text(g, 12)]
+    elif name == "image":
+        images = [(1, 8, 6)]
+        rows = [_text(g, 3) + _media(IMAGE, images[0]) + _text(g, 6)]
+    elif name == "two_images":
+        images = [(1, 4, 4), (1, 6, 10)]
+        rows = [_text(g, 2) + _media(IMAGE, images[0]) + _text(g, 3) + _media(IMAGE, images[1])
+                + _text(g, 4)]
+    elif name == "video":
+        videos = [(3, 4, 6)]
+        rows = [_text(g, 4) + _media(VIDEO, videos[0]) + _text(g, 5)]
+    elif name == "mixed":
+        images, videos = [(1, 4, 6)], [(2, 6, 4)]
+        rows = [_text(g, 2) + _media(IMAGE, images[0]) + _text(g, 3),
+                _text(g, 1) + _media(VIDEO, videos[0]) + _text(g, 2),
+                _text(g, 5)]
+    else:
+        raise ValueError(name)
+    return _batch(rows, images, videos, g, PATCH_DIM_25)
+
+
+def _batch(rows, images, videos, g, patch_dim: int) -> dict:
     s = max(len(r) for r in rows)
     ids = torch.full((len(rows), s), 3, dtype=torch.long)
     mask = torch.zeros(len(rows), s, dtype=torch.long)
@@ -90,7 +144,7 @@ def make_case(name: str, seed: int = 0) -> dict:
         if not grids:
             return None, None
         n = sum(t * h * w for t, h, w in grids)
-        return torch.randn(n, PATCH_DIM, generator=g), torch.tensor(grids)
+        return torch.randn(n, patch_dim, generator=g), torch.tensor(grids)
 
     pv, ig = pixels(images)
     pvv, vg = pixels(videos)
@@ -228,9 +282,9 @@ def media_of_rows(case: dict, rows: list[int]):
 
 
 def _model_config():
-    from megatron_copd.models.qwen_vl.hf_config import qwen3_vl_from_hf
+    from megatron_copd.models.qwen_vl.hf_config import qwen_vl_from_hf
 
-    return qwen3_vl_from_hf(config().to_dict()).model
+    return qwen_vl_from_hf(config().to_dict()).model
 
 
 def megatron_greedy(rank, world, tp: int, pp: int, ckpt: str, case: dict, n_new: int):

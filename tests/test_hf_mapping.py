@@ -89,7 +89,7 @@ def _base_text(**kw) -> dict:
     ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]},
      "architecture 'MistralForCausalLM' (model_type 'mistral') is not supported"),
     ({"model_type": "qwen3_vl"}, "model_type 'qwen3_vl': this reads its language model only"),
-    ({"model_type": "qwen2_5_vl"}, "model_type 'qwen2_5_vl' is not supported yet"),
+    ({"model_type": "qwen2_vl"}, "model_type 'qwen2_vl' is not supported (Qwen2-VL's vision"),
     ({"model_type": "qwen3_vl_moe"}, "'qwen3_vl_moe' is not supported: its decoder is a mixture"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
     ({"attention_bias": True}, "attention_bias=True is not supported"),

@@ -31,6 +31,7 @@ CASES = {
     # name: (HF config factory, has image, max_shard_size of the HF save)
     "qwen3": (lambda: F.text_config("qwen3"), False, None),
     "llama_tied": (lambda: F.text_config("llama", tie=True), False, "40KB"),
+    "qwen2": (lambda: F.text_config("qwen2"), False, None),
     "llava": (lambda: F.llava_config("qwen3"), True, None),
     "llava_llama_l2": (lambda: F.llava_config("llama", vision_layers=3, feature_layer=-2,
                                               tie=True), True, None),

@@ -17,7 +17,7 @@ from harness import run_world  # noqa: E402
 
 from megatron_copd.config import ConfigError  # noqa: E402
 from megatron_copd.models.qwen_vl.positions import mrope_position_ids  # noqa: E402
-from megatron_copd.models.qwen_vl.hf_config import qwen3_vl_from_hf  # noqa: E402
+from megatron_copd.models.qwen_vl.hf_config import qwen_vl_from_hf  # noqa: E402
 from megatron_copd.models.qwen_vl.spec import spec_from_model  # noqa: E402
 
 CASES = ("text", "image", "two_images", "video", "mixed")
@@ -37,7 +37,7 @@ def hf_setup(tmp_path_factory):
 
 
 def _spec(cfg):
-    return spec_from_model(qwen3_vl_from_hf(cfg.to_dict()).model)
+    return spec_from_model(qwen_vl_from_hf(cfg.to_dict()).model)
 
 
 def _max_diff(names, cases, ref, got) -> dict[str, float]:
@@ -147,8 +147,8 @@ def test_refusals():
         d = F.config().to_dict()
         d["vision_config"][field] = value
         with pytest.raises(ConfigError, match=match):
-            qwen3_vl_from_hf(d)
-    model = to_dict(qwen3_vl_from_hf(F.config().to_dict()).model)  # DeepStack into layers 0, 1
+            qwen_vl_from_hf(d)
+    model = to_dict(qwen_vl_from_hf(F.config().to_dict()).model)  # DeepStack into layers 0, 1
     with pytest.raises(ConfigError, match="parallel.pp"):
         validate(from_dict(RunConfig, {"branches": [{"name": "a", "domains": ["text"]}],
                                        "parallel": {"pp": 4}, "model": model}))
@@ -191,7 +191,7 @@ def test_model_size_counts_the_vision_tower(hf_setup):
     from megatron_copd.model_size import model_size
 
     cfg, model, _, _, _ = hf_setup
-    size = model_size(qwen3_vl_from_hf(cfg.to_dict()).model)
+    size = model_size(qwen_vl_from_hf(cfg.to_dict()).model)
     assert size.vision == sum(p.numel() for k, p in model.named_parameters() if "visual" in k)
     assert size.total == sum(p.numel() for k, p in model.named_parameters()
                              if k != "lm_head.weight")  # tied

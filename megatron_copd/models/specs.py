@@ -76,12 +76,20 @@ def masked_te_attention():
     return MaskedTEDotProductAttention
 
 
-def vit_layer_spec(te: bool) -> ModuleSpec:
+def vit_layer_spec(te: bool, rms_norm: bool = False) -> ModuleSpec:
+    """ViT layer: TE's fused layers, or megatron's local ones (norms follow the config's
+    ``normalization``; ``rms_norm`` makes them torch's, which has RMSNorm, where megatron's
+    local spec would pick apex's LayerNorm-only fused kernel)."""
     from megatron.core.models.vision import vit_layer_specs as specs
 
     if te:
         return specs.get_vit_layer_with_transformer_engine_spec()
     spec = specs.get_vit_layer_with_local_spec()
+    if rms_norm:
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        spec.submodules.input_layernorm = WrappedTorchNorm
+        spec.submodules.pre_mlp_layernorm = WrappedTorchNorm
     # Checkpoint the norms under Transformer Engine's fused names (as megatron's local GPT spec
     # does), so CPU- and GPU-saved VLM checkpoints have the same keys.
     spec.submodules.sharded_state_dict_keys_map = {

@@ -72,7 +72,7 @@ def lm_transformer_config(cfg: RunConfig, te: bool | None = None) -> Transformer
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=m.qkv_bias,
         qk_layernorm=m.use_qk_norm,
         init_method_std=m.init_std,
     )

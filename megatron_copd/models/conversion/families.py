@@ -29,14 +29,14 @@ PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json",
 
 def model_config_from_hf(cfg: dict[str, Any], where: str, text_only: bool = False
                          ) -> generic.HFModelInfo:
-    if cfg.get("model_type") == "qwen3_vl" and not text_only:
-        return qwen_vl_config.qwen3_vl_from_hf(cfg, where)
+    if cfg.get("model_type") in generic.QWEN_VL_DECODERS and not text_only:
+        return qwen_vl_config.qwen_vl_from_hf(cfg, where)
     return generic.model_config_from_hf(cfg, where, text_only=text_only)
 
 
 def import_maps(info: generic.HFModelInfo, names: mp.HFNames) -> mp.ModelMapping:
     if info.model.qwen_vl is not None:
-        return qwen_vl_weights.qwen3_vl_maps(info.model, spec_from_model(info.model))
+        return qwen_vl_weights.qwen_vl_maps(info.model, spec_from_model(info.model), names)
     return mp.param_maps(info.model, names, info.hf_vision_layers)
 
 
@@ -51,7 +51,7 @@ def text_only(model: ModelConfig) -> tuple[ModelConfig, tuple[str, ...]]:
 
 def export_maps(model: ModelConfig) -> mp.ModelMapping:
     if model.qwen_vl is not None:
-        return qwen_vl_weights.qwen3_vl_maps(model, spec_from_model(model))
+        return qwen_vl_weights.qwen_vl_maps(model, spec_from_model(model))
     return mp.param_maps(model, mp.LLAVA_NAMES if model.vision is not None else mp.TEXT_NAMES)
 
 
@@ -62,15 +62,17 @@ def needs_image_token(model: ModelConfig) -> bool:
 
 def check_exportable(model: ModelConfig, where: str) -> None:
     generic.check_exportable(model, where)
-    if model.qwen_vl is not None and not model.qwen_vl.mrope_interleaved:
+    q = model.qwen_vl
+    if q is not None and q.mrope_interleaved != (q.version == "qwen3_vl"):
         raise generic.ConfigError(
-            f"{where}.qwen_vl.mrope_interleaved: false cannot be exported: transformers' "
-            "Qwen3-VL always interleaves the t/h/w rotary frequencies")
+            f"{where}.qwen_vl.mrope_interleaved: {str(q.mrope_interleaved).lower()} cannot be "
+            f"exported as {q.version}: transformers' Qwen3-VL always interleaves the t/h/w "
+            "rotary frequencies, Qwen2.5-VL never does")
 
 
 def export_config(model: ModelConfig, dtype: torch.dtype, tokens: generic.SpecialTokens) -> dict:
     if model.qwen_vl is not None:
-        return qwen_vl_config.hf_qwen3_vl_config(model, dtype, tokens)
+        return qwen_vl_config.hf_qwen_vl_config(model, dtype, tokens)
     return generic.hf_config(model, dtype, tokens)
 
 

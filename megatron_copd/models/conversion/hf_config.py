@@ -29,10 +29,12 @@ import torch
 from megatron_copd.config import ModelConfig, VisionConfig
 from megatron_copd.config_base import ConfigError
 
-TEXT_ARCHS = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+TEXT_ARCHS = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
+              "qwen2": "Qwen2ForCausalLM"}
 LLAVA_ARCH = "LlavaForConditionalGeneration"
-SUPPORTED = ("Qwen3ForCausalLM, LlamaForCausalLM, LlavaForConditionalGeneration (CLIP + "
-             "Qwen3/Llama), Qwen3VLForConditionalGeneration (dense)")
+SUPPORTED = ("Qwen3ForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM, LlavaForConditionalGeneration "
+             "(CLIP + Qwen3/Llama), Qwen3VLForConditionalGeneration (dense), "
+             "Qwen2_5_VLForConditionalGeneration")
 CLIP_LN_EPS = 1e-5  # our ViT's LayerNorm epsilon (models.factory.vision_transformer_config)
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # ModelConfig.extra keys that do not change what the model computes (fusions, memory).
@@ -74,22 +76,22 @@ def model_config_from_hf(
     position in all three sections, which is plain RoPE)."""
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
-    if model_type == "qwen3_vl":
+    if model_type in QWEN_VL_DECODERS:
         if not text_only:
             raise ConfigError(
-                f"{where}: model_type 'qwen3_vl': this reads its language model only "
+                f"{where}: model_type {model_type!r}: this reads its language model only "
                 f"(text_only); the whole model is read by conversion.families"
             )
-        return _qwen3_vl_text(cfg, where)
+        return qwen_vl_text(cfg, where)
     if model_type == "qwen3_vl_moe":
         raise ConfigError(
             f"{where}: model_type 'qwen3_vl_moe' is not supported: its decoder is a mixture of "
             f"experts (this project trains dense decoders); supported: {SUPPORTED}"
         )
-    if model_type in ("qwen2_5_vl", "qwen2_vl"):
+    if model_type == "qwen2_vl":
         raise ConfigError(
-            f"{where}: model_type {model_type!r} is not supported yet (its windowed vision "
-            f"attention and block multimodal RoPE are not implemented); supported: {SUPPORTED}"
+            f"{where}: model_type 'qwen2_vl' is not supported (Qwen2-VL's vision tower differs "
+            f"from Qwen2.5-VL's: LayerNorm, no windows); supported: {SUPPORTED}"
         )
     if model_type == "llava":
         if archs and archs[0] != LLAVA_ARCH:
@@ -120,10 +122,19 @@ def model_config_from_hf(
     )
 
 
-def _qwen3_vl_text(cfg: dict, where: str) -> HFModelInfo:
+# A Qwen-VL model_type -> (its decoder's model_type, its architecture).
+QWEN_VL_DECODERS = {"qwen3_vl": ("qwen3", "Qwen3VLForConditionalGeneration"),
+                    "qwen2_5_vl": ("qwen2", "Qwen2_5_VLForConditionalGeneration")}
+
+
+def qwen_vl_text(cfg: dict, where: str) -> HFModelInfo:
+    """The language model of a Qwen-VL config: a Qwen3 decoder (Qwen3-VL: QK-norm) or a Qwen2
+    one (Qwen2.5-VL: Q/K/V bias). On text, its multimodal RoPE gives every section the same
+    position: plain RoPE."""
+    decoder, arch = QWEN_VL_DECODERS[cfg["model_type"]]
     text = dict(_require(cfg, "text_config", where))
     tw = f"{where}: text_config"
-    text["model_type"] = "qwen3"  # qwen3_vl_text: a Qwen3 decoder (QK-norm, SwiGLU, GQA)
+    text["model_type"] = decoder
     params = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
     if params:
         # mrope_section / mrope_interleaved only matter for image and video positions
@@ -135,7 +146,7 @@ def _qwen3_vl_text(cfg: dict, where: str) -> HFModelInfo:
         text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
     return HFModelInfo(
         model=_text_from_hf(text, tw),
-        architecture="Qwen3VLForConditionalGeneration",
+        architecture=arch,
         dtype=_dtype(cfg, where) or _dtype(text, tw),
         bos_token_id=text.get("bos_token_id", cfg.get("bos_token_id")),
         eos_token_id=text.get("eos_token_id", cfg.get("eos_token_id")),
@@ -184,10 +195,12 @@ def _rope_theta(cfg: dict, where: str) -> float:
 def _text_from_hf(cfg: dict, where: str) -> ModelConfig:
     model_type = cfg["model_type"]
     _expect(cfg, "hidden_act", ("silu",), where, "the MLP is SwiGLU", "silu")
-    _expect(cfg, "attention_bias", (False,), where, "attention projections have no bias", False)
+    if model_type != "qwen2":  # Qwen2: bias on Q/K/V always, none on the output projection
+        _expect(cfg, "attention_bias", (False,), where, "attention projections have no bias",
+                False)
     if model_type == "llama":
         _expect(cfg, "mlp_bias", (False,), where, "MLP projections have no bias", False)
-    if model_type == "qwen3":
+    if model_type in ("qwen3", "qwen2"):
         _expect(cfg, "use_sliding_window", (False,), where, "full attention only", False)
     layer_types = cfg.get("layer_types")
     if layer_types and any(t != "full_attention" for t in layer_types):
@@ -316,6 +329,9 @@ def check_exportable(model: ModelConfig, where: str = "copd_meta.json: model") -
         )
     if model.rotary_base != int(model.rotary_base):
         raise ConfigError(f"{where}.rotary_base: {model.rotary_base} is not an integer")
+    if model.qkv_bias and model.use_qk_norm:
+        raise ConfigError(f"{where}.qk_layernorm: a qwen2 decoder with QK-norm has no Hugging "
+                          "Face architecture (Qwen2 has none)")
     if model.vision is not None and not model.vision.class_token:
         raise ConfigError(
             f"{where}.vision.class_token: false cannot be exported: transformers' CLIP vision "
@@ -326,9 +342,10 @@ def check_exportable(model: ModelConfig, where: str = "copd_meta.json: model") -
 
 
 def text_architecture(model: ModelConfig) -> tuple[str, str]:
-    """(model_type, architecture) that computes exactly what ``model``'s decoder does: Qwen3
-    when it has QK-norm, Llama otherwise (the two differ only in that)."""
-    return ("qwen3", TEXT_ARCHS["qwen3"]) if model.use_qk_norm else ("llama", TEXT_ARCHS["llama"])
+    """(model_type, architecture) that computes exactly what ``model``'s decoder does: Qwen2
+    with Q/K/V bias, Qwen3 with QK-norm, Llama with neither (they differ only in that)."""
+    kind = "qwen2" if model.qkv_bias else "qwen3" if model.use_qk_norm else "llama"
+    return kind, TEXT_ARCHS[kind]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -365,6 +382,8 @@ def hf_text_config(model: ModelConfig, dtype: torch.dtype, tokens: SpecialTokens
         cfg["mlp_bias"] = False
     else:
         cfg["use_sliding_window"] = False
+    if model_type == "qwen2":
+        cfg.pop("attention_bias")  # Qwen2's attention always has its Q/K/V bias
     return cfg
 
 

@@ -40,13 +40,14 @@ from megatron_copd.errors import CheckpointError
 from megatron_copd.models.conversion import families
 from megatron_copd.models.conversion import mapping as mp
 from megatron_copd.models.conversion.families import model_config_from_hf
-from megatron_copd.models.conversion.hf_config import LLAVA_ARCH, HFModelInfo
+from megatron_copd.models.conversion.hf_config import LLAVA_ARCH, QWEN_VL_DECODERS, HFModelInfo
 from megatron_copd.models.conversion.hf_tokenizer import copy_hf_tokenizer
 from megatron_copd.models.conversion.safetensors_io import HFCheckpoint
 
 TOKENIZER_DIR = "tokenizer"
 SNIPPET_FILE = "copd_model.yaml"
 DEFAULT_BLOCK_BYTES = 16 << 20
+QWEN_VL_VERSIONS = {arch: version for version, (_, arch) in QWEN_VL_DECODERS.items()}
 
 
 @dataclass
@@ -74,8 +75,8 @@ def read_hf_config(hf_dir: Path, text_only: bool = False) -> tuple[dict, HFModel
 
 def detect_names(ckpt: HFCheckpoint, info: HFModelInfo, source_arch: str) -> mp.HFNames:
     """Which naming layout the HF weights use (``source_arch``: config.json's architecture)."""
-    if source_arch == "Qwen3VLForConditionalGeneration":
-        candidates: tuple[mp.HFNames, ...] = (mp.QWEN3_VL_NAMES,)
+    if source_arch in QWEN_VL_VERSIONS:  # the whole model or (--text-only) its decoder
+        candidates: tuple[mp.HFNames, ...] = mp.QWEN_VL_NAMES[QWEN_VL_VERSIONS[source_arch]]
     elif source_arch == LLAVA_ARCH:
         candidates = mp.LLAVA_IMPORT_VARIANTS
     else:

@@ -13,6 +13,7 @@ decoder.layers.self_attention.linear_qkv    self_attn.{q,k,v}_proj (fused per qu
   .layer_norm_weight                        input_layernorm
 decoder.layers.self_attention.linear_proj   self_attn.o_proj
 decoder.layers.self_attention.{q,k}_layernorm  self_attn.{q,k}_norm (Qwen3)
+decoder.layers.self_attention.linear_qkv.bias  self_attn.{q,k,v}_proj.bias (Qwen2)
 decoder.layers.mlp.linear_fc1               mlp.{gate,up}_proj (stacked [gate; up])
   .layer_norm_weight                        post_attention_layernorm
 decoder.layers.mlp.linear_fc2               mlp.down_proj
@@ -186,6 +187,10 @@ LLAVA_NAMES = HFNames(
     projector="multi_modal_projector.",
 )
 QWEN3_VL_NAMES = HFNames(lm="model.language_model.", head="lm_head.weight", vision="model.visual.")
+# Qwen2.5-VL's published checkpoints (and transformers 5's save_pretrained) keep the older layout;
+# the in-memory one (Qwen3-VL's) is accepted on import.
+QWEN2_5_VL_NAMES = HFNames(lm="model.", head="lm_head.weight", vision="visual.")
+QWEN_VL_NAMES = {"qwen3_vl": (QWEN3_VL_NAMES,), "qwen2_5_vl": (QWEN2_5_VL_NAMES, QWEN3_VL_NAMES)}
 # Further layouts found in the wild, accepted on import: transformers' in-memory names, and
 # llava-hf checkpoints written before CLIPVisionModel lost its ``vision_model`` level.
 LLAVA_IMPORT_VARIANTS = (
@@ -267,6 +272,10 @@ def _lm_maps(m: ModelConfig, names: HFNames) -> list[ParamMap]:
         ParamMap(layer + "self_attention.linear_proj.weight", (hl + "self_attn.o_proj.weight",),
                  (h, m.num_attention_heads * d), L),
     ]
+    if m.qkv_bias:  # Qwen2
+        maps.append(ParamMap(layer + "self_attention.linear_qkv.bias",
+                             tuple(hl + f"self_attn.{x}_proj.bias" for x in "qkv"),
+                             ((hpg + 2) * ng * d,), L, qkv))
     if m.use_qk_norm:
         maps += [
             ParamMap(layer + "self_attention.q_layernorm.weight", (hl + "self_attn.q_norm.weight",),

@@ -109,26 +109,31 @@ class QwenVLModel(CopdModel):
 
 
 def _tower_config(cfg: RunConfig, spec: QwenVisionSpec, te: bool, **shape) -> TransformerConfig:
-    """What the vision tower and its mergers share: one stage (the first), LayerNorm, biases,
-    BF16 even under FP8 (small GEMMs), no sequence parallelism and no recompute (the DeepStack
-    taps read layer outputs during the forward)."""
+    """What the vision tower and its mergers share: one stage (the first), LayerNorm (Qwen3-VL)
+    or RMSNorm (Qwen2.5-VL), biases, BF16 even under FP8 (small GEMMs), no sequence parallelism
+    and no recompute (the tower runs layer by layer over its attention segments)."""
     kw = common_kwargs(cfg.parallel, cfg.precision, te)
     kw.update(
-        pipeline_model_parallel_size=1, normalization="LayerNorm",
+        pipeline_model_parallel_size=1,
+        normalization="LayerNorm" if spec.qwen3 else "RMSNorm",
         layernorm_epsilon=spec.layer_norm_epsilon, gated_linear_unit=False,
         bias_activation_fusion=False,  # megatron fuses only exact GELU / SwiGLU with a bias
         add_bias_linear=True, init_method_std=cfg.model.init_std, sequence_parallel=False,
-        recompute_granularity=None, recompute_method=None, recompute_num_layers=None, **shape)
+        recompute_granularity=None, recompute_method=None, recompute_num_layers=None)
+    kw.update(shape)
     drop_fp8(kw)
     return TransformerConfig(**kw)
 
 
 def vision_config(cfg: RunConfig, spec: QwenVisionSpec, te: bool) -> TransformerConfig:
+    """The tower's layers: tanh-GELU MLP (Qwen3-VL) or SwiGLU (Qwen2.5-VL), QKV with bias."""
+    mlp = (dict(activation_func=gelu_tanh) if spec.qwen3
+           else dict(activation_func=F.silu, gated_linear_unit=True))
     return _tower_config(
         cfg, spec, te, num_layers=spec.depth, hidden_size=spec.hidden_size,
         num_attention_heads=spec.num_heads, num_query_groups=spec.num_heads,
-        ffn_hidden_size=spec.intermediate_size, kv_channels=spec.head_dim,
-        activation_func=gelu_tanh, add_qkv_bias=True)
+        ffn_hidden_size=spec.intermediate_size, kv_channels=spec.head_dim, add_qkv_bias=True,
+        **mlp)
 
 
 def merger_config(cfg: RunConfig, spec: QwenVisionSpec, te: bool) -> TransformerConfig:
@@ -162,7 +167,8 @@ def build_qwen_vl(cfg: RunConfig, pgs: ProcessGroupCollection,
                                                    spec.mrope_section, spec.mrope_interleaved)
     vision = None
     if pre:
-        vision = QwenVisionModel(spec, vision_config(cfg, spec, te), specs.vit_layer_spec(te),
+        vision = QwenVisionModel(spec, vision_config(cfg, spec, te),
+                                 specs.vit_layer_spec(te, rms_norm=not spec.qwen3),
                                  merger_config(cfg, spec, te), specs.projector_submodules(te),
                                  specs.norm_impl(te), pgs)
     model = QwenVLModel(lm_config, language_model, vision, spec, pgs)

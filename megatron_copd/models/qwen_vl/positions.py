@@ -61,6 +61,34 @@ def frame_lengths(grid_thw: torch.Tensor) -> list[int]:
     return [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
 
 
+def frame_segments(grid_thw: torch.Tensor) -> list[torch.Tensor]:
+    """The patch indices of every frame (full-attention layers attend inside each)."""
+    out, start = [], 0
+    for n in frame_lengths(grid_thw):
+        out.append(torch.arange(start, start + n))
+        start += n
+    return out
+
+
+def window_segments(grid_thw: torch.Tensor, merge: int, window: int) -> list[torch.Tensor]:
+    """Qwen2.5-VL's attention windows: the patch indices of each ``window x window`` square of
+    merged tokens of a frame (edge windows smaller), frame by frame, windows row by row.
+    Patches of one merged token are consecutive (merge-block order), so a window is the union
+    of its merged tokens' ``merge**2`` patches."""
+    unit = merge * merge
+    out, start = [], 0
+    for t, h, w in grid_thw.tolist():
+        hh, ww = h // merge, w // merge
+        token = torch.arange(hh * ww).view(hh, ww)
+        for _ in range(t):
+            for r in range(0, hh, window):
+                for c in range(0, ww, window):
+                    ids = token[r:r + window, c:c + window].reshape(-1)
+                    out.append(start + (ids[:, None] * unit + torch.arange(unit)).reshape(-1))
+            start += hh * ww * unit
+    return out
+
+
 def video_frames(video_grid_thw: torch.Tensor | None) -> torch.Tensor | None:
     """Qwen3-VL writes each video frame as its own placeholder run (a timestamp before each), so
     a (t, h, w) video is t grids of (1, h, w) for the language model's positions."""
@@ -77,23 +105,29 @@ def mrope_position_ids(
     image_grid_thw: torch.Tensor | None = None,
     video_grid_thw: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
+    second_per_grid_ts: list[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """3-D positions ``[3, b, s]`` and per-row ``deltas [b]`` for a (left-padded) batch.
 
     Text advances all three components together; a media block of (t, h, w) merged tokens starting
-    at position p gets (p + t_i, p + h_i, p + w_i), and the text after it continues at the block's
-    largest component + 1. Images and video frames are consumed in the order their placeholder
-    runs appear, batch row by batch row (the order the processor lists their grids). Padding
-    (``attention_mask`` 0) gets position 0. A token at index i >= len(row) (decoding) has position
-    ``i + delta`` in all three components.
+    at position p gets (p + k_i, p + h_i, p + w_i), and the text after it continues at
+    p + max(h, w) (transformers' rule). k_i is the temporal index i, except for Qwen2.5-VL's
+    videos, where it is ``int(i * tokens_per_second * seconds per temporal patch)``
+    (``second_per_grid_ts``, one per video; default 1 s, as transformers). Qwen3-VL writes each
+    video frame as its own block (t = 1). Images and videos are consumed in the order their
+    placeholder runs appear, batch row by batch row (the order the processor lists their grids).
+    Padding (``attention_mask`` 0) gets position 0. A token at index i >= len(row) (decoding) has
+    position ``i + delta`` in all three components.
     """
     b, s = input_ids.shape
     merge = spec.spatial_merge_size
+    per_frame = spec.version == "qwen3_vl"
+    videos = video_frames(video_grid_thw) if per_frame else video_grid_thw
     queues = {
         spec.image_token_id: list(image_grid_thw.tolist()) if image_grid_thw is not None else [],
-        spec.video_token_id: list(video_frames(video_grid_thw).tolist())
-        if video_grid_thw is not None else [],
+        spec.video_token_id: list(videos.tolist()) if videos is not None else [],
     }
+    seconds = list(second_per_grid_ts) if second_per_grid_ts is not None else None
     used = {k: 0 for k in queues}
     pos = torch.zeros(3, b, s, dtype=torch.long)
     deltas = torch.zeros(b, dtype=torch.long)
@@ -106,20 +140,25 @@ def mrope_position_ids(
         while i < len(ids):
             tok = ids[i]
             if tok in queues:
-                kind = "image" if tok == spec.image_token_id else "video frame"
+                kind = _kind(spec, tok)
                 if used[tok] >= len(queues[tok]):
                     raise ValueError(f"row {row}: more {kind} placeholders than {kind} grids given")
                 t, h, w = queues[tok][used[tok]]
+                step = 1.0
+                if tok == spec.video_token_id and not per_frame:
+                    sec = seconds[used[tok]] if seconds is not None else 1.0
+                    step = spec.tokens_per_second * sec
                 used[tok] += 1
                 hh, ww = h // merge, w // merge
                 n = t * hh * ww
                 if ids[i:i + n] != [tok] * n:
                     raise ValueError(f"row {row}: the {kind} at token {i} needs {n} placeholder "
                                      f"tokens for grid {(t, h, w)}")
-                p[0, i:i + n] = cur + torch.arange(t).repeat_interleave(hh * ww)
+                frames = (torch.arange(t, dtype=torch.float64) * step).long()
+                p[0, i:i + n] = cur + frames.repeat_interleave(hh * ww)
                 p[1, i:i + n] = cur + torch.arange(hh).repeat_interleave(ww).repeat(t)
                 p[2, i:i + n] = cur + torch.arange(ww).repeat(t * hh)
-                cur = int(p[:, i:i + n].max()) + 1
+                cur += max(hh, ww)
                 i += n
             else:
                 j = i
@@ -132,7 +171,13 @@ def mrope_position_ids(
         deltas[row] = cur - len(ids)
     for tok, q in queues.items():
         if used[tok] != len(q):
-            kind = "image" if tok == spec.image_token_id else "video frame"
+            kind = _kind(spec, tok)
             raise ValueError(f"{len(q)} {kind} grids given but {used[tok]} {kind} placeholder "
                              "runs found in the tokens")
     return pos, deltas
+
+
+def _kind(spec: QwenVisionSpec, tok: int) -> str:
+    if tok == spec.image_token_id:
+        return "image"
+    return "video frame" if spec.version == "qwen3_vl" else "video"

@@ -162,7 +162,10 @@ def prompt_ids(parts: list[str], media: QwenVisualInputs | None, q: QwenVLConfig
         elif part == "<video>":
             t, h, w = videos[n_vid]
             n_vid += 1
-            for k in range(t):  # one placeholder run per temporal patch, after its time
+            if q.version != "qwen3_vl":  # Qwen2.5-VL: one run; time is in the positions
+                ids += [start] + [q.video_token_id] * (t * h * w // unit) + [end]
+                continue
+            for k in range(t):  # Qwen3-VL: one run per temporal patch, after its time
                 ids += encode(timestamp(k, q))
                 ids += [start] + [q.video_token_id] * (h * w // unit) + [end]
         elif part:

@@ -1,4 +1,4 @@
-"""The shape of a Qwen3-VL model's vision side, as the model code uses it: the run config's
+"""The shape of a Qwen-VL model's vision side, as the model code uses it: the run config's
 ``model.qwen_vl`` (:class:`QwenVLConfig`) plus what follows from the decoder (its width)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from megatron_copd.config import ModelConfig
 
 @dataclass(frozen=True)
 class QwenVisionSpec:
-    """Qwen3-VL vision encoder (``Qwen3VLVisionConfig``) and the token ids that carry media."""
+    """The Qwen3-VL / Qwen2.5-VL vision encoder and the token ids that carry media."""
 
     depth: int
     hidden_size: int
@@ -32,6 +32,21 @@ class QwenVisionSpec:
     vision_end_token_id: int = 151653
     mrope_section: tuple[int, int, int] = (24, 20, 20)
     mrope_interleaved: bool = True
+    version: str = "qwen3_vl"
+    window_size: int = 112
+    """Qwen2.5-VL: attention windows of this many pixels per side."""
+    fullatt_block_indexes: tuple[int, ...] = ()
+    tokens_per_second: float = 2.0
+
+    @property
+    def qwen3(self) -> bool:
+        """Qwen3-VL (learned positions, DeepStack, LayerNorm/GELU) rather than Qwen2.5-VL."""
+        return self.version == "qwen3_vl"
+
+    @property
+    def window_tokens(self) -> int:
+        """Qwen2.5-VL: merged tokens per side of an attention window."""
+        return self.window_size // (self.spatial_merge_size * self.patch_size)
 
     @property
     def head_dim(self) -> int:
@@ -66,4 +81,6 @@ def spec_from_model(m: ModelConfig) -> QwenVisionSpec:
         vision_start_token_id=q.vision_start_token_id,
         vision_end_token_id=q.vision_end_token_id,
         mrope_section=tuple(q.mrope_section),  # type: ignore[arg-type]
-        mrope_interleaved=q.mrope_interleaved)
+        mrope_interleaved=q.mrope_interleaved, version=q.version, window_size=q.window_size,
+        fullatt_block_indexes=tuple(q.fullatt_block_indexes),
+        tokens_per_second=q.tokens_per_second)

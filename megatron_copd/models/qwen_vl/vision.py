@@ -1,12 +1,20 @@
-"""Qwen3-VL's native-resolution vision encoder on megatron-core building blocks.
+"""The Qwen-VL native-resolution vision encoders (Qwen3-VL, Qwen2.5-VL) on megatron-core blocks.
 
-Patches (``pixel_values`` rows of 3 x 2 frames x 16 x 16 values, any number of images of any
-grid in one packed sequence) -> patch embedding (Qwen's Conv3d with stride = kernel, i.e. one
-linear map, kept in the Conv3d's weight shape) + bilinearly resampled learned positions ->
-a megatron TransformerBlock (LayerNorm, QKV with bias, tanh-GELU MLP; 2-D RoPE inside attention;
-attention inside each frame: frames of equal size run as one batch, so no mask is needed) ->
-the 2 x 2 patch merger into the language model's width. DeepStack: after the listed vision layers, a merger of its own (norm after
-the 2 x 2 shuffle) turns the hidden states into features for the first decoder layers.
+Patches (``pixel_values`` rows of 3 x 2 frames x P x P values, any number of images of any grid
+in one packed sequence) -> patch embedding (Qwen's Conv3d with stride = kernel, i.e. one linear
+map, kept in the Conv3d's weight shape; Qwen3-VL adds bilinearly resampled learned positions)
+-> megatron transformer layers with 2-D RoPE inside attention -> the 2 x 2 patch merger into the
+language model's width.
+
+Qwen3-VL: LayerNorm, QKV with bias, tanh-GELU MLP; attention inside each frame; DeepStack: after
+the listed layers a merger of its own (norm after the 2 x 2 shuffle) turns the hidden states
+into features for the first decoder layers. Qwen2.5-VL: RMSNorm, SwiGLU MLP with biases;
+attention inside windows of ``window_size`` pixels, except the ``fullatt_block_indexes`` layers,
+which attend over the whole frame.
+
+Attention segments (frames or windows) of equal length run as one batch ``[length, segments,
+hidden]`` per layer, so no mask is needed, no attention crosses a segment, and memory grows with
+the square of a segment, not of the whole batch of patches.
 
 The tower is not pipelined: it lives whole on the first pipeline stage, tensor-parallel like
 the decoder (heads and MLP split over TP, patch embedding and positions replicated).
@@ -68,11 +76,14 @@ class QwenVisionModel(MegatronModule):
         h = spec.hidden_size
         kernel = (spec.temporal_patch_size, spec.patch_size, spec.patch_size)
         self.patch_weight = nn.Parameter(torch.empty(h, spec.in_channels, *kernel))
-        self.patch_bias = nn.Parameter(torch.zeros(h))
-        self.pos_embed = nn.Embedding(spec.num_position_embeddings, h)
         with torch.no_grad():
             nn.init.normal_(self.patch_weight, 0.0, config.init_method_std)
-            nn.init.normal_(self.pos_embed.weight, 0.0, config.init_method_std)
+        self.patch_bias = self.pos_embed = None  # Qwen2.5-VL has neither
+        if spec.qwen3:
+            self.patch_bias = nn.Parameter(torch.zeros(h))
+            self.pos_embed = nn.Embedding(spec.num_position_embeddings, h)
+            with torch.no_grad():
+                nn.init.normal_(self.pos_embed.weight, 0.0, config.init_method_std)
         self.decoder = TransformerBlock(config=config, spec=layer_spec, post_layer_norm=False,
                                         pre_process=True, post_process=False,
                                         pg_collection=pg_collection)
@@ -83,13 +94,6 @@ class QwenVisionModel(MegatronModule):
         # ModuleList as an opaque module and would save the TP shards as replicated tensors.
         for k in range(len(spec.deepstack_visual_indexes)):
             setattr(self, f"deepstack_merger{k}", merger(postshuffle=True))
-        self._taps = {}
-        for i in spec.deepstack_visual_indexes:
-            self.decoder.layers[i].register_forward_hook(self._keep_output)
-
-    def _keep_output(self, module, args, output) -> None:
-        if self._taps is not None:
-            self._taps[module.layer_number - 1] = output[0] if isinstance(output, tuple) else output
 
     @property
     def deepstack_mergers(self) -> list[PatchMerger]:
@@ -114,44 +118,42 @@ class QwenVisionModel(MegatronModule):
         dev, dtype = self.patch_weight.device, self.patch_weight.dtype
         x = F.linear(pixel_values.to(device=dev, dtype=dtype),
                      self.patch_weight.reshape(spec.hidden_size, -1), self.patch_bias)
-        idx, wts = positions.position_taps(grid_thw, spec.grid_per_side, spec.spatial_merge_size)
-        pos = (self.pos_embed(idx.to(dev)) * wts.to(dev, dtype)[..., None]).sum(1)
-        x = x + pos  # [patches, hidden]
+        if self.pos_embed is not None:
+            idx, wts = positions.position_taps(grid_thw, spec.grid_per_side,
+                                               spec.spatial_merge_size)
+            x = x + (self.pos_embed(idx.to(dev)) * wts.to(dev, dtype)[..., None]).sum(1)
         rope = vision_rope_angles(positions.vision_rope_coords(grid_thw, spec.spatial_merge_size),
                                   spec.head_dim, spec.rope_theta).to(dev)[:, 0, 0]
-        x, taps = self._blocks(x, rope, positions.frame_lengths(grid_thw))
-        deepstack = [m(t) for m, t in zip(self.deepstack_mergers, taps)]
+        frames = _Segments(positions.frame_segments(grid_thw), dev)
+        windows = frames if spec.qwen3 else _Segments(positions.window_segments(
+            grid_thw, spec.spatial_merge_size, spec.window_tokens), dev)
+        taps = []
+        for i, layer in enumerate(self.decoder.layers):
+            full = spec.qwen3 or i in spec.fullatt_block_indexes
+            x = (frames if full else windows).run(layer, x, rope)
+            if i in spec.deepstack_visual_indexes:
+                taps.append(x)
+        deepstack = [m(taps[spec.deepstack_visual_indexes.index(i)])
+                     for m, i in zip(self.deepstack_mergers, spec.deepstack_visual_indexes)]
         return self.merger(x), deepstack
 
-    def _blocks(self, x: torch.Tensor, rope: torch.Tensor, lengths: list[int]
-                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The transformer layers over every frame, attention inside each frame only.
 
-        Frames of equal patch count run together as one batch ``[patches, frames, hidden]``
-        (rotary angles per batch entry): no mask and no attention between frames, and memory
-        grows with the square of a frame's patches, not of the whole batch's."""
-        starts = [0]
-        for n in lengths:
-            starts.append(starts[-1] + n)
-        by_length: dict[int, list[int]] = {}
-        for f, n in enumerate(lengths):
-            by_length.setdefault(n, []).append(f)
-        order, outs, taps = [], [], []
-        for n, frames in by_length.items():
-            idx = torch.cat([torch.arange(starts[f], starts[f] + n) for f in frames]).to(x.device)
-            order.append(idx)
-            xs = x[idx].view(len(frames), n, -1).transpose(0, 1)  # [n, frames, hidden]
-            rs = rope[idx].view(len(frames), n, 1, -1).transpose(0, 1)  # [n, frames, 1, d]
-            self._taps = {}
-            try:
-                y = self.decoder(hidden_states=xs, attention_mask=None, rotary_pos_emb=rs)
-                tapped = [self._taps[i] for i in self.spec.deepstack_visual_indexes]
-            finally:
-                self._taps = None
-            outs.append(y.transpose(0, 1).reshape(len(frames) * n, -1))
-            taps.append([t.transpose(0, 1).reshape(len(frames) * n, -1) for t in tapped])
-        back = torch.argsort(torch.cat(order))  # grouped order -> patch order
-        x = torch.cat(outs)[back]
-        per_layer = [torch.cat([t[k] for t in taps])[back]
-                     for k in range(len(self.spec.deepstack_visual_indexes))]
-        return x, per_layer
+class _Segments:
+    """Attention segments (each a list of patch indices), grouped by length: ``run`` applies a
+    transformer layer to every segment at once, one batch ``[length, segments, hidden]`` per
+    length, with each patch's rotary angles; no attention crosses a segment."""
+
+    def __init__(self, segments: list[torch.Tensor], device: torch.device) -> None:
+        by_length: dict[int, list[torch.Tensor]] = {}
+        for seg in segments:
+            by_length.setdefault(len(seg), []).append(seg)
+        self.groups = [(n, torch.stack(segs).to(device)) for n, segs in by_length.items()]
+
+    def run(self, layer, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        for n, idx in self.groups:  # idx [segments, n]
+            xs = x[idx].transpose(0, 1)  # [n, segments, hidden]
+            rs = rope[idx].transpose(0, 1).unsqueeze(2)  # [n, segments, 1, d]
+            y, _ = layer(hidden_states=xs, attention_mask=None, rotary_pos_emb=rs)
+            out[idx] = y.transpose(0, 1)
+        return out
