@@ -14,7 +14,6 @@ from megatron_copd.config import ConfigError, RunConfig, load_config
 from megatron_copd.config_checks import CONSTRAINTS, TOY_PHRASINGS, config_fields
 
 REPO = Path(__file__).resolve().parents[1]
-QWEN_TOY = REPO / "examples" / "toy" / "copd_qwen3vl.yaml"
 
 
 def test_every_field_has_a_domain():
@@ -152,7 +151,7 @@ def test_data_rows_must_fit_their_branch_and_model(tmp_path):
                                         r"\['text'\] of branch 'image'"):
         load()
     # media on a text-only model
-    load, (tp, ip) = _files_cfg(tmp_path, text, image, "model.vision=null")
+    load, (tp, ip) = _files_cfg(tmp_path, text, image, "model.qwen_vl=null")
     with pytest.raises(DataError, match=rf"^{ip}:1: field 'images': the model has no vision"):
         load()
     # an unknown verifier

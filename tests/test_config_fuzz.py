@@ -28,7 +28,7 @@ from megatron_copd.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "megatron_copd" / "configs" / "toy_copd.yaml"
-QWEN_TOY = REPO / "examples" / "toy" / "copd_qwen3vl.yaml"
+CLIP_TOY = REPO / "examples" / "toy" / "copd_clip.yaml"  # model.vision (the default: qwen_vl)
 FIELDS = config_fields(RunConfig)
 FUZZ = settings(max_examples=12, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -49,7 +49,7 @@ CONTEXT: dict[str, dict[str, Any]] = {
 
 
 def _base(name: str) -> dict:
-    data = _load_with_bases(QWEN_TOY if name.startswith("model.qwen_vl.") else DEFAULT)
+    data = _load_with_bases(CLIP_TOY if name.startswith("model.vision.") else DEFAULT)
     for prefix, around in CONTEXT.items():
         if name.startswith(prefix):
             for k, v in around.items():
@@ -149,7 +149,7 @@ def _refused(name: str, value: Any) -> str:
 
 def test_every_base_is_accepted():
     """The contexts used below are valid on their own, so a refusal is the generated value's."""
-    for name in {"model.qwen_vl.depth", *(p for p in CONTEXT)}:
+    for name in {"model.vision.hidden_size", *(p for p in CONTEXT)}:
         validate(from_dict(RunConfig, _base(name)), check_device=False)
 
 

@@ -1,6 +1,6 @@
-"""The Qwen3-VL-4B example configs load, carry the paper's hyperparameters, and describe the model
-the HF exporter writes as Qwen3-VL-4B-Instruct (checked against transformers' own config
-classes)."""
+"""The Qwen3-VL-4B and Qwen2.5-VL-7B example configs load, carry the paper's hyperparameters,
+and describe the model the HF exporter writes as Qwen3-VL-4B-Instruct / Qwen2.5-VL-7B-Instruct
+(checked against transformers' own config classes)."""
 
 from __future__ import annotations
 
@@ -51,3 +51,35 @@ def test_example_config(name, branches):
         q, **{k: getattr(back.qwen_vl, k) for k in processor_only})
     assert dataclasses.replace(back, qwen_vl=None, max_sequence_length=m.max_sequence_length,
                                rotary_base=m.rotary_base) == dataclasses.replace(m, qwen_vl=None)
+
+
+@pytest.mark.parametrize("branches", [2, 3])
+def test_qwen2_5_vl_7b_example_config(branches):
+    """The Qwen2.5-VL-7B examples: the paper's hyperparameters as above, and the model the
+    exporter writes is Qwen2.5-VL-7B-Instruct's shape (transformers' config class reads it)."""
+    import transformers as T
+
+    cfg = load_config(EXAMPLES / f"qwen2_5vl_7b_{branches}branch.yaml")
+    assert len(cfg.branches) == branches and cfg.world_size == 8 * branches
+    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp) == (4, 1, 2)
+    g = cfg.grpo
+    assert (g.group_size, g.eps_low, g.eps_high, g.prompts_per_step) == (8, 0.2, 0.28, 256)
+    assert cfg.schedule.s_rl / cfg.schedule.s_opd == 1.5 and cfg.optim.lr == 1e-6
+    m = cfg.model
+    assert (m.family, m.hidden_size, m.num_layers, m.num_attention_heads, m.num_query_groups,
+            m.head_dim, m.ffn_hidden_size, m.vocab_size) == ("qwen2", 3584, 28, 28, 4, 128,
+                                                             18944, 152064)
+    assert m.qkv_bias and not m.use_qk_norm and not m.tie_embeddings
+    q = m.qwen_vl
+    assert (q.version, q.depth, q.hidden_size, q.num_heads, q.intermediate_size, q.patch_size,
+            q.window_size, q.fullatt_block_indexes) == ("qwen2_5_vl", 32, 1280, 16, 3420, 14,
+                                                        112, [7, 15, 23, 31])
+    families.check_exportable(m, "example")
+    hf = families.export_config(m, torch.bfloat16, SpecialTokens(151643, 151645, 151643))
+    qwen = T.Qwen2_5_VLConfig.from_dict(hf)
+    assert qwen.text_config.num_hidden_layers == 28 and qwen.vision_config.out_hidden_size == 3584
+    assert qwen.vision_config.fullatt_block_indexes == [7, 15, 23, 31]
+    back = families.model_config_from_hf(qwen.to_dict(), "config.json").model
+    processor_only = ("min_pixels", "max_pixels", "max_frames")
+    assert back.qwen_vl == dataclasses.replace(
+        q, **{k: getattr(back.qwen_vl, k) for k in processor_only})

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from harness import run_world
 
@@ -67,59 +66,47 @@ def test_run_directory(run):
     assert set(results["branches"]) == {"text", "image"}
 
 
-def _megatron_answers(rank, world, ckpt: str, cfg_path: str, items: int):
-    from megatron_copd.checkpoint.model_io import load_model
-    from megatron_copd.config import load_config
-    from megatron_copd.data.prompting import encode_prompt
-    from megatron_copd.models.factory import build_model
-    from megatron_copd.rollout import inputs
-    from megatron_copd.rollout.generation import generate
-    from megatron_copd.rollout.sampling import SamplingParams
-    from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
-    from megatron_copd.runtime.megatron_state import init_megatron_state
-    from megatron_copd.training.run import Resources
+def _check(rank, world, run_dir: str, hf: str, items: int):
+    from megatron_copd.models.conversion.export_check import check_export
 
-    cfg = load_config(cfg_path, ["branches=[{name: image, domains: [image]}]"], world_size=1)
-    res = Resources(cfg)
-    groups = build_branch_groups(BranchLayout.from_world(("image",), world, tp=1, pp=1))
-    init_megatron_state(groups, 1)
-    model = build_model(cfg, groups.pgs).eval()
-    load_model(model, groups.pgs, ckpt)
-    recs = res.sources.eval["image"][:items]
-    enc = [encode_prompt(r, res.tokenizer, cfg.model.vision_side, 256) for r in recs]
-    ro = generate(model, groups.pgs, [e.token_ids for e in enc],
-                  SamplingParams(max_new_tokens=8, temperature=0.0,
-                                 stop_ids=(res.tokenizer.eos_id,)),
-                  pixels=inputs.concat_media([e.pixels for e in enc]), kv_batch_size=items,
-                  pad_id=res.tokenizer.pad_id)
-    return [e.token_ids for e in enc], [e.pixels for e in enc], ro.responses()
+    return check_export(str(Path(run_dir) / "config.yaml"), str(Path(run_dir) / "merged"), hf,
+                        "image", items)
 
 
 def test_merged_export_answers_like_megatron(run, tmp_path):
-    import transformers as T
-
-    from megatron_copd.models.conversion.hf_export import convert_to_hf
-
+    """tools/convert_to_hf.py on the merged checkpoint (no --tokenizer: the run recorded it),
+    then tools/check_export.py's comparison: the same greedy answers in transformers."""
     out = tmp_path / "hf"
-    convert_to_hf(run / "run" / "merged", out)
+    proc = subprocess.run([sys.executable, "tools/convert_to_hf.py", "--checkpoint",
+                           str(run / "run" / "merged"), "--output", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "config.json").read_text())["architectures"] == [
         "Qwen3VLForConditionalGeneration"]
     assert json.loads((out / "preprocessor_config.json").read_text())["patch_size"] == 8
-    model = T.AutoModelForImageTextToText.from_pretrained(str(out)).eval()
-    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
-    prompts, media, ours = run_world(_megatron_answers, 1, args=(
-        str(run / "run" / "merged"), str(run / "tiny.yaml"), 12))[0]
-    eos = 2
-    assert sum(len(w) > 1 for w in ours) >= 3, ours  # answers, not an immediate EOS
-    for ids, m, want in zip(prompts, media, ours):
-        x = torch.tensor([ids])
-        types = (x == 7).long()
-        with torch.no_grad():
-            gen = model.generate(input_ids=x, attention_mask=torch.ones_like(x),
-                                 mm_token_type_ids=types, pixel_values=m.pixel_values,
-                                 image_grid_thw=m.image_grid_thw, max_new_tokens=8,
-                                 do_sample=False, eos_token_id=eos, pad_token_id=eos,
-                                 suppress_tokens=[7, 8])
-        got = gen[0, len(ids):].tolist()
-        got = got[:got.index(eos) + 1] if eos in got else got
-        assert got == want, (got, want)
+    r = run_world(_check, 1, args=(str(run / "run"), str(out), 12))[0]
+    assert r.items == 12 and r.answered >= 3, r  # answers, not an immediate EOS
+    assert r.ok, r.mismatches
+
+
+def test_check_export_tool_reports_a_different_model(run, tmp_path):
+    """The tool exits 1 and names the items when the export does not compute the checkpoint's
+    model (here: the final norm's sign flipped in the exported weights)."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "hf_bad"
+    subprocess.run([sys.executable, "tools/convert_to_hf.py", "--checkpoint",
+                    str(run / "run" / "merged"), "--output", str(out)],
+                   check=True, capture_output=True, timeout=300, cwd=REPO)
+    for f in out.glob("*.safetensors"):
+        t = load_file(str(f))
+        if "model.language_model.norm.weight" in t:
+            t["model.language_model.norm.weight"] = -t["model.language_model.norm.weight"]
+            save_file(t, str(f), metadata={"format": "pt"})
+    proc = subprocess.run([sys.executable, "tools/check_export.py", "--config",
+                           str(run / "run" / "config.yaml"), "--checkpoint",
+                           str(run / "run" / "merged"), "--hf", str(out), "--items", "12"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "greedy answers equal on 0/12" in proc.stdout, proc.stdout
+    assert "item 0: megatron" in proc.stdout, proc.stdout
