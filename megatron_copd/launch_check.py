@@ -46,6 +46,11 @@ VISION_SHAPE_KEYS = (
     "ffn_hidden_size",
     "class_token",
 )
+QWEN_VL_SHAPE_KEYS = ("version", "depth", "hidden_size", "num_heads", "intermediate_size",
+                      "patch_size", "temporal_patch_size", "spatial_merge_size",
+                      "num_position_embeddings", "deepstack_visual_indexes")
+TOWERS = {"vision": ("a vision tower", VISION_SHAPE_KEYS),
+          "qwen_vl": ("a Qwen-VL vision tower", QWEN_VL_SHAPE_KEYS)}
 
 
 @dataclass
@@ -360,13 +365,16 @@ def compare_model(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
             if k in a and k in b and a[k] != b[k] and not (a[k] is None or b[k] is None):
                 out.append(f"{prefix}{k}: checkpoint has {a[k]!r}, config has {b[k]!r}")
 
-    differ("model.", SHAPE_KEYS, saved, wanted)
-    sv, wv = saved.get("vision"), wanted.get("vision")
-    if (sv is None) != (wv is None) and "vision" in saved:
-        has = "has a vision tower" if sv else "has no vision tower"
-        out.append(f"model.vision: the checkpoint {has}, the config {'does not' if sv else 'does'}")
-    elif isinstance(sv, dict) and isinstance(wv, dict):
-        differ("model.vision.", VISION_SHAPE_KEYS, sv, wv)
+    differ("model.", SHAPE_KEYS + ("family",), saved, wanted)
+    for section, (what, keys) in TOWERS.items():
+        sv, wv = saved.get(section), wanted.get(section)
+        # A checkpoint written before a section existed has none (and no such tower).
+        if (sv is None) != (wv is None) and (section in saved or wv is not None):
+            has = f"has {what}" if sv else f"has no {what[2:] if what[0] == 'a' else what}"
+            out.append(f"model.{section}: the checkpoint {has}, the config "
+                       f"{'does not' if sv else 'does'}")
+        elif isinstance(sv, dict) and isinstance(wv, dict):
+            differ(f"model.{section}.", keys, sv, wv)
     return out
 
 

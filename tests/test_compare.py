@@ -102,7 +102,8 @@ def test_toy_recipe_configs_load_and_schedule(path):
     expected = {"grpo_text.yaml": 1, "grpo_image.yaml": 1, "mixed_rlvr.yaml": 1,
                 "copd_3branch_hub.yaml": 3, "mopd_3branch.yaml": 4}.get(path.name, 2)
     assert len(cfg.branches) == expected
-    edges = {"copd_2branch.yaml": 2, "copd_clip.yaml": 2, "copd_3branch_hub.yaml": 4,
+    edges = {"copd_2branch.yaml": 2, "copd_clip.yaml": 2, "copd_qwen2_5vl.yaml": 2,
+             "copd_3branch_hub.yaml": 4,
              "mopd_3branch.yaml": 3,
              "ablation_no_text_from_image.yaml": 1, "static_opd_text_from_image.yaml": 1,
              "static_opd_image_from_text.yaml": 1}.get(path.name, 0)

@@ -80,7 +80,7 @@ def test_base_checkpoint_compatibility(tmp_path):
     _fake_checkpoint(good, to_dict(cfg.model))
     wrong = to_dict(cfg.model)
     wrong["hidden_size"] = 256
-    wrong["vision"]["patch_size"] = 4
+    wrong["qwen_vl"]["patch_size"] = 4
     _fake_checkpoint(bad, wrong)
     r = check(None, [f"checkpoint.load={good}"], nodes=1, gpus_per_node=2)
     assert not r.problems and "model shape matches the config" in r.text()
@@ -88,18 +88,30 @@ def test_base_checkpoint_compatibility(tmp_path):
     assert f"checkpoint.load: {bad}: model.hidden_size: checkpoint has 256, config has 128" in (
         r.problems
     )
-    assert any("model.vision.patch_size: checkpoint has 4" in p for p in r.problems)
+    assert any("model.qwen_vl.patch_size: checkpoint has 4" in p for p in r.problems)
     (bad / "copd_meta.json").write_text("{not json")
     r = check(None, [f"checkpoint.load={bad}"], nodes=1, gpus_per_node=2)
     assert any("corrupted metadata" in p for p in r.problems)
 
 
 def test_compare_model_vision_presence():
-    cfg = to_dict(load_config().model)
+    cfg = to_dict(load_config("examples/toy/copd_clip.yaml").model)
     text_only = dict(cfg, vision=None)
     assert compare_model(text_only, cfg) == [
         "model.vision: the checkpoint has no vision tower, the config does"
     ]
+    qwen = to_dict(load_config().model)
+    assert compare_model(dict(qwen, qwen_vl=None), qwen) == [
+        "model.qwen_vl: the checkpoint has no Qwen-VL vision tower, the config does"]
+    assert compare_model(cfg, qwen) == [
+        "model.vision: the checkpoint has a vision tower, the config does not",
+        "model.qwen_vl: the checkpoint has no Qwen-VL vision tower, the config does"]
+    old = {k: v for k, v in qwen.items() if k != "qwen_vl"}  # written before the section
+    assert compare_model(old, dict(qwen, qwen_vl=None)) == []
+    q25 = dict(qwen, family="qwen2", qwen_vl=dict(qwen["qwen_vl"], version="qwen2_5_vl"))
+    assert compare_model(q25, qwen) == [
+        "model.family: checkpoint has 'qwen2', config has 'qwen3'",
+        "model.qwen_vl.version: checkpoint has 'qwen2_5_vl', config has 'qwen3_vl'"]
 
 
 def test_memory_estimate_arithmetic():
