@@ -48,7 +48,7 @@ def test_math_layouts(tmp_path):
          "reward_model": {"ground_truth": "4"}, "id": "dapo-9"},  # DAPO / verl
     ]
     out = tmp_path / "math.jsonl"
-    assert convert_math(_jsonl(tmp_path / "src.jsonl", rows), out) == 4
+    assert convert_math(_jsonl(tmp_path / "src.jsonl", rows), out).written == 4
     recs = load_records(out)
     assert [r.answer for r in recs] == ["\\frac{3}{4}", "1007", "\\frac{1}{\\sqrt{2}}", "4"]
     assert recs[0].prompt.endswith("within \\boxed{}.") and recs[0].reward == "math"
@@ -57,15 +57,18 @@ def test_math_layouts(tmp_path):
     assert {r.domain for r in recs} == {"math"}
     # the same from Parquet
     pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "src.parquet")
-    assert convert_math(tmp_path / "src.parquet", tmp_path / "m2.jsonl") == 1
+    assert convert_math(tmp_path / "src.parquet", tmp_path / "m2.jsonl").written == 1
 
 
 def test_math_bad_row_names_file_and_line(tmp_path):
     src = _jsonl(tmp_path / "bad.jsonl", [{"problem": "ok", "answer": "1"}, {"problem": "x"}])
     out = tmp_path / "out.jsonl"
-    with pytest.raises(DataError, match=r"bad.jsonl:2: no answer field"):
-        convert_math(src, out)
+    with pytest.raises(DataError, match=r"bad.jsonl:2: no field for an answer"):
+        convert_math(src, out, strict=True)
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+    report = convert_math(src, out)  # default: skipped and counted
+    assert report.written == 1
+    assert report.skips.lines() == ["skipped 1 row(s) without an answer: line 2"]
 
 
 def test_image_qa_parquet_with_embedded_images_and_choices(tmp_path):
@@ -82,11 +85,11 @@ def test_image_qa_parquet_with_embedded_images_and_choices(tmp_path):
     rows = [{k: r.get(k) for k in keys} for r in rows]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "vqa.parquet")
     out = tmp_path / "data" / "vqa.jsonl"
-    assert convert_image_qa(tmp_path / "vqa.parquet", out) == 3
+    assert convert_image_qa(tmp_path / "vqa.parquet", out).written == 3
     recs = load_records(out)
     assert [r.answer for r in recs] == ["red", "B", "yes"]
     assert recs[1].prompt.startswith("Which is blue?\nA. left\nB. right\n")
-    assert recs[1].reward == "choice" and recs[0].reward is None
+    assert recs[1].reward == "choice" and recs[0].reward == "exact"  # a word: exact
     assert recs[0].images == recs[2].images  # the same bytes stored once
     assert Path(recs[0].images[0]).read_bytes() == red
     # stored relative to the JSONL, so the folder can move
@@ -104,21 +107,21 @@ def test_image_qa_paths_llava_conversations_and_errors(tmp_path):
         {"id": "z", "image": "img/a.png", "question": "Colour?", "choices": ["green", "red"],
          "answer": 1}]
     out = tmp_path / "o.jsonl"
-    assert convert_image_qa(_jsonl(tmp_path / "s.jsonl", rows), out, reward="exact") == 3
+    assert convert_image_qa(_jsonl(tmp_path / "s.jsonl", rows), out, reward="exact").written == 3
     recs = load_records(out)
-    assert recs[0].prompt == "<image>\nColour?" and recs[0].answer == "green"
+    assert recs[0].prompt.startswith("<image>\nColour?\n\nPlease reason") and recs[0].answer == "green"
     assert recs[0].reward == "exact" and recs[1].answer == "A" and len(recs[1].images) == 2
     assert recs[2].answer == "B" and recs[2].reward == "choice"
     bad = [{"id": 1, "question": "<image> <image>", "answer": "a", "image": "img/a.png"}]
     with pytest.raises(DataError, match=r"s2.jsonl:1: question has 2 <image> tag\(s\) but"):
-        convert_image_qa(_jsonl(tmp_path / "s2.jsonl", bad), tmp_path / "o2.jsonl")
+        convert_image_qa(_jsonl(tmp_path / "s2.jsonl", bad), tmp_path / "o2.jsonl", strict=True)
     bad = [{"id": 1, "question": "q", "answer": "a", "image": "img/missing.png"}]
     with pytest.raises(DataError, match="image file not found"):
-        convert_image_qa(_jsonl(tmp_path / "s3.jsonl", bad), tmp_path / "o3.jsonl")
+        convert_image_qa(_jsonl(tmp_path / "s3.jsonl", bad), tmp_path / "o3.jsonl", strict=True)
     bad = [{"id": 1, "question": "q", "answer": "a", "image": {"bytes": b"not an image"}}]
     pq.write_table(pa.Table.from_pylist(bad), tmp_path / "s4.parquet")
     with pytest.raises(DataError, match=r"s4.parquet.*row index 0.*not an image"):
-        convert_image_qa(tmp_path / "s4.parquet", tmp_path / "o4.jsonl")
+        convert_image_qa(tmp_path / "s4.parquet", tmp_path / "o4.jsonl", strict=True)
 
 
 def test_video_qa_frames_and_files(tmp_path):
@@ -130,7 +133,7 @@ def test_video_qa_frames_and_files(tmp_path):
     rows = [{k: r.get(k) for k in keys} for r in rows]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "vid.parquet")
     out = tmp_path / "vid.jsonl"
-    assert convert_video_qa(tmp_path / "vid.parquet", out) == 2
+    assert convert_video_qa(tmp_path / "vid.parquet", out).written == 2
     recs = load_records(out)
     assert isinstance(recs[0].video, list) and len(recs[0].video) == 3
     assert recs[1].video.endswith(".mp4") and Path(recs[1].video).read_bytes() == fake_mp4
@@ -167,13 +170,13 @@ def test_energon_vqa_and_multichoice(tmp_path):
                                                   "choices": "json[c]",
                                                   "correct_choice_idx": "json[k]"})
     out = tmp_path / "vqa.jsonl"
-    assert convert_energon(vqa, out, domain="image") == 3
+    assert convert_energon(vqa, out, domain="image").written == 3
     recs = load_records(out)
     assert [r.id for r in recs] == ["vqa-s0", "vqa-s1", "vqa-s2"]
     assert recs[1].answer == "thing1" and recs[1].prompt == "What is shown 1?"
     with Image.open(recs[2].images[0]) as img:
         assert img.size == (8, 6) and img.getpixel((0, 0)) == (160, 10, 10)
-    assert convert_energon(mc, tmp_path / "mc.jsonl", limit=2) == 2
+    assert convert_energon(mc, tmp_path / "mc.jsonl", limit=2).written == 2
     recs = load_records(tmp_path / "mc.jsonl")
     assert [r.answer for r in recs] == ["A", "B"] and recs[0].reward == "choice"
     assert "C. cow" in recs[0].prompt
@@ -189,4 +192,4 @@ def test_prepare_data_cli(tmp_path):
     assert r.returncode == 0 and "wrote 1 math records" in r.stdout, r.stderr
     r = subprocess.run([sys.executable, tool, "image", str(src), "--output",
                         str(tmp_path / "o2.jsonl")], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no image" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "without an image" in r.stderr

@@ -55,8 +55,22 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+
+
+def tagged_answer(response: str) -> str:
+    """The content of the last ``<answer>...</answer>`` (the R1-style format Video-R1 and
+    OneThinker train), else the whole response."""
+    found = _ANSWER_TAG.findall(response)
+    return found[-1].strip() if found else response
+
+
 def answer_segment(response: str) -> tuple[str, bool]:
-    """(where the final answer is stated, whether it was anchored by \\boxed or "answer")."""
+    """(where the final answer is stated, whether it was anchored by \\boxed, "answer" or an
+    ``<answer>`` tag)."""
+    tagged = tagged_answer(response)
+    if tagged is not response:
+        return last_boxed(tagged) or tagged, True
     boxed = last_boxed(response)
     if boxed is not None:
         return boxed, True
@@ -92,6 +106,7 @@ def verify_math(response: str, answer: str) -> float:
     gold = _parse_gold(answer)
     if not gold:
         raise ValueError(f"math: cannot parse the gold answer {answer!r}")
+    response = tagged_answer(response)
     boxed = last_boxed(response)
     # Only the final box counts (math-verify would read several boxes as a set).
     pred = parse(f"\\boxed{{{boxed}}}") if boxed is not None else parse(response)
@@ -126,6 +141,7 @@ def _gold_letter(answer: str) -> str:
 
 def extract_choice(response: str) -> str | None:
     """The final stated choice letter (upper case), or None."""
+    response = tagged_answer(response)
     boxed = last_boxed(response)
     if boxed is not None:
         m = _ANCHORED_CHOICE.match(boxed)

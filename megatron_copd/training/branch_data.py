@@ -74,6 +74,28 @@ def file_sources(cfg: RunConfig) -> DataSources:
     return DataSources(train, evals)
 
 
+def check_tokenizer(cfg: RunConfig, tokenizer, tokenizer_dir: str) -> None:
+    """The tokenizer fits the model: its vocabulary, and a Qwen-VL's vision tokens and
+    processor files."""
+    if cfg.model.qwen_vl is not None:
+        from megatron_copd.models.qwen_vl import processing
+
+        processing.check_tokenizer(tokenizer, cfg.model.qwen_vl)
+        processing.check_processor_dir(tokenizer_dir, cfg.model.qwen_vl)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
+                          f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+
+
+def check_files_world(cfg: RunConfig) -> None:
+    """What a ``data.world: files`` run reads, checked before any worker starts (light
+    imports only, so a refusal stays one line): every data row, then the tokenizer."""
+    from megatron_copd.data.tokenizer import Tokenizer
+
+    file_sources(cfg)
+    check_tokenizer(cfg, Tokenizer.load(cfg.data.tokenizer), cfg.data.tokenizer)
+
+
 def _sampler(records: list[PromptRecord], seed: int) -> PromptSampler | MixedSampler:
     domains = sorted({r.domain for r in records})
     if len(domains) == 1:

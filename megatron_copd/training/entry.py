@@ -21,10 +21,11 @@ def train_command(config_path: str | None, overrides: list[str]) -> int:
     if env.launcher == "single" and cfg.world_size > 1:
         from megatron_copd.runtime.launch import launch_local
 
-        if cfg.data.world == "files":  # bad or empty data files: one line, before any worker
-            from megatron_copd.training.branch_data import file_sources
+        if cfg.data.world == "files":
+            # Data files, tokenizer and its vision tokens: one line, before any worker starts.
+            from megatron_copd.training.branch_data import check_files_world
 
-            file_sources(cfg)
+            check_files_world(cfg)
 
         # The workers have all exited (reaped) when launch_local returns.
         return exit_now(

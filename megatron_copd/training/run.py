@@ -20,7 +20,12 @@ from megatron_copd.config import RunConfig, to_dict
 from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
 from megatron_copd.runtime.distributed import init_distributed
 from megatron_copd.runtime.megatron_state import init_megatron_state
-from megatron_copd.training.branch_data import BranchData, file_sources, toy_sources
+from megatron_copd.training.branch_data import (
+    BranchData,
+    check_tokenizer,
+    file_sources,
+    toy_sources,
+)
 from megatron_copd.training.branch_model import BranchModel
 from megatron_copd.training.evaluation import evaluate_domain
 from megatron_copd.training.reporting import Reporter
@@ -56,25 +61,10 @@ class Resources:
             self.tokenizer_dir = str(self.world.root / name)
             self.sources = toy_sources(cfg, self.world)
         else:
-            if not cfg.data.tokenizer:
-                from megatron_copd.config import ConfigError
-
-                raise ConfigError("data.tokenizer: required when data.world is 'files'")
+            self.sources = file_sources(cfg)
             self.tokenizer = Tokenizer.load(cfg.data.tokenizer)
             self.tokenizer_dir = cfg.data.tokenizer
-            self.sources = file_sources(cfg)
-        if cfg.model.qwen_vl is not None:
-            from megatron_copd.models.qwen_vl import processing
-
-            processing.check_tokenizer(self.tokenizer, cfg.model.qwen_vl)
-            processing.check_processor_dir(self.tokenizer_dir, cfg.model.qwen_vl)
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            from megatron_copd.config import ConfigError
-
-            raise ConfigError(
-                f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
-                f"vocabulary ({self.tokenizer.vocab_size})"
-            )
+        check_tokenizer(cfg, self.tokenizer, self.tokenizer_dir)
 
     def base_checkpoint(self, cfg: RunConfig) -> Path | None:
         if cfg.checkpoint.load:

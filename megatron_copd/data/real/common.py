@@ -9,6 +9,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from megatron_copd.errors import DataError
@@ -18,14 +19,35 @@ CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices dir
 LETTERS = "ABCDEFGHIJ"  # what the 'choice' verifier reads
 
 
+class RowSkip(DataError):
+    """A row that cannot become a record; ``reason`` groups it in the converter's summary
+    ("without an answer"). Skipped and counted by default, an error with ``strict``."""
+
+    def __init__(self, where: str, reason: str, detail: str = "") -> None:
+        super().__init__(f"{where}: {detail or reason}")
+        self.where, self.reason = where, reason
+
+
 def pick(row: dict, names: Sequence[str], where: str, what: str, required: bool = True) -> Any:
-    """The first of ``names`` present (not None) in ``row``."""
+    """The first of ``names`` present (not None) in ``row``; a name also matches a key that
+    differs only in case (``Problem`` / ``problem``)."""
+    lower = {str(k).lower(): k for k in row}
     for n in names:
-        if row.get(n) is not None:
-            return row[n]
+        key = n if n in row else lower.get(n.lower())
+        if key is not None and row.get(key) is not None:
+            return row[key]
     if required:
-        raise DataError(f"{where}: no {what} field (expected one of {list(names)})")
+        raise RowSkip(where, f"without {what}",
+                      f"no field for {what} (expected one of {list(names)})")
     return None
+
+
+def free_form_verifier(answer: str) -> str:
+    """``math`` for numbers and expressions, ``exact`` for words (math-verify would read "red"
+    as the product of three symbols)."""
+    import re
+
+    return "math" if re.search(r"[\d\\^=+*/π√]", answer) else "exact"
 
 
 def format_choices(question: str, choices: Sequence[Any], where: str) -> str:
@@ -34,25 +56,6 @@ def format_choices(question: str, choices: Sequence[Any], where: str) -> str:
                         f"{len(choices)}")
     lines = [f"{LETTERS[i]}. {str(c).strip()}" for i, c in enumerate(choices)]
     return f"{question.strip()}\n" + "\n".join(lines) + f"\n{CHOICE_INSTRUCTION}"
-
-
-def choice_answer(answer: Any, choices: Sequence[Any], where: str) -> str:
-    """The correct option's letter from an index, a letter, or the option's text."""
-    if isinstance(answer, bool):
-        raise DataError(f"{where}: field 'answer': expected an option index, letter or text")
-    if isinstance(answer, int):
-        if not 0 <= answer < len(choices):
-            raise DataError(f"{where}: field 'answer': index {answer} outside the "
-                            f"{len(choices)} choices")
-        return LETTERS[answer]
-    text = str(answer).strip()
-    if len(text) == 1 and text.upper() in LETTERS[: len(choices)]:
-        return text.upper()
-    for i, c in enumerate(choices):
-        if str(c).strip() == text:
-            return LETTERS[i]
-    raise DataError(f"{where}: field 'answer': {text!r} is neither an option letter nor one of "
-                    f"the choices")
 
 
 class MediaStore:
@@ -123,12 +126,17 @@ class RecordSink:
         self._f = open(self.tmp, "w", encoding="utf-8")
         self._ids: dict[str, str] = {}
         self.count = 0
+        self.renamed = 0
 
     def add(self, record: dict, where: str) -> None:
-        rid = record["id"]
-        if rid in self._ids:
-            raise DataError(f"{where}: duplicate id {rid!r} (first at {self._ids[rid]})")
-        self._ids[rid] = where
+        """Write one record; an id seen before (sets repeat ids across their sources) gets a
+        suffix (``-2``, ``-3``, ...) and is counted in ``renamed``."""
+        rid, n = record["id"], 1
+        while record["id"] in self._ids:
+            n += 1
+            record["id"] = f"{rid}-{n}"
+        self.renamed += n > 1
+        self._ids[record["id"]] = where
         record = {k: v for k, v in record.items() if v is not None and v != [] and v != {}}
         if "images" in record:
             record["images"] = [self._relative(p) for p in record["images"]]
@@ -170,10 +178,79 @@ class RecordSink:
 
 
 def read_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
-    """(where, row) of a JSONL or Parquet file; errors name file and line / row index."""
+    """(where, row) of a JSONL, JSON (an array of objects, or an object holding one) or Parquet
+    file; errors name file and line / row index / item."""
     from megatron_copd.data.records import _rows
 
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: file not found")
-    yield from _rows(p, str(p))
+    if p.suffix.lower() != ".json":
+        yield from _rows(p, str(p))
+        return
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{p}: not a readable JSON file ({e})") from None
+    if isinstance(data, dict):  # {"data": [...]} and similar wrappers
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{p}: expected a JSON array of rows (or an object holding one)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"{p}: expected a JSON array of rows, got {type(data).__name__}")
+    for i, row in enumerate(data):
+        where = f"{p}: item {i}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        yield where, row
+
+
+class Skips:
+    """Rows skipped, by reason, for the converter's summary (``strict``: the first one raises)."""
+
+    def __init__(self, strict: bool = False) -> None:
+        self.strict = strict
+        self.by_reason: dict[str, list[str]] = {}
+
+    def add(self, skip: RowSkip) -> None:
+        if self.strict:
+            raise DataError(str(skip)) from None
+        self.by_reason.setdefault(skip.reason, []).append(skip.where)
+
+    @property
+    def count(self) -> int:
+        return sum(len(v) for v in self.by_reason.values())
+
+    def lines(self) -> list[str]:
+        out = []
+        for reason, wheres in self.by_reason.items():
+            shown = ", ".join(_position(w) for w in wheres[:5])
+            more = ", ..." if len(wheres) > 5 else ""
+            out.append(f"skipped {len(wheres)} row(s) {reason}: {shown}{more}")
+        return out
+
+
+def _position(where: str) -> str:
+    """``f.jsonl:3`` -> ``line 3``; ``f.parquet: row index 7`` -> ``row index 7``."""
+    if ": " in where:
+        return where.rsplit(": ", 1)[-1]
+    return f"line {where.rsplit(':', 1)[-1]}"
+
+
+@dataclass
+class ConvertReport:
+    """What a converter wrote: records, the verifier split, and the rows it skipped."""
+
+    written: int
+    verifiers: dict[str, int]
+    skips: Skips
+    renamed: int = 0
+    """Records whose id repeated an earlier one's and got a suffix (``-2``, ``-3``, ...)."""
+
+    def lines(self, domain: str, output: str) -> list[str]:
+        split = ", ".join(f"{k} {v}" for k, v in sorted(self.verifiers.items()))
+        out = [f"wrote {self.written} {domain} records to {output} (verifiers: {split})"]
+        if self.renamed:
+            out.append(f"made {self.renamed} repeated id(s) unique with a suffix (-2, -3, ...)")
+        return out + self.skips.lines()

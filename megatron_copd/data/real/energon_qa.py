@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 
 from megatron_copd.data.real.common import (
     LETTERS,
+    ConvertReport,
     MediaStore,
     RecordSink,
+    Skips,
     format_choices,
 )
 from megatron_copd.data.real.visual_qa import _video_suffix
@@ -37,7 +40,7 @@ def convert_energon(
     reward: str | None = None,
     id_prefix: str | None = None,
     limit: int | None = None,
-) -> int:
+) -> ConvertReport:
     """Convert the ``split_part`` split of an energon dataset; returns the record count."""
     try:
         from megatron.energon import (
@@ -65,6 +68,7 @@ def convert_energon(
             )
         except Exception as e:  # noqa: BLE001 - energon raises many types for bad metadata
             raise DataError(f"{path}: cannot open split {split_part!r}: {e}") from None
+        verifiers: Counter = Counter()
         with RecordSink(output) as sink:
             for i, s in enumerate(get_loader(dataset)):
                 if limit is not None and i >= limit:
@@ -92,7 +96,8 @@ def convert_energon(
                     raise DataError(f"{where}: sample type {type(s).__name__} is not supported "
                                     f"(VQASample, MultiChoiceVQASample, VidQASample)")
                 sink.add(rec, where)
-            return sink.close()
+                verifiers[rec["reward"] or "domain default"] += 1
+            return ConvertReport(sink.close(), dict(verifiers), Skips())
 
 
 def _best_answer(s, where: str) -> str:
