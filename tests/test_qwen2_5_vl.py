@@ -37,9 +37,9 @@ def hf_setup(tmp_path_factory):
     return cfg, model, cases, ref, str(ckpt)
 
 
-def _max_diff(cases, ref, got) -> dict[str, float]:
+def _max_diff(cases, ref, got, names=CASES) -> dict[str, float]:
     return {n: (r[c["mask"].bool()] - g[c["mask"].bool()]).abs().max().item()
-            for n, c, r, g in zip(CASES, cases, ref, got)}
+            for n, c, r, g in zip(names, cases, ref, got)}
 
 
 def test_windows_equal_transformers():
@@ -143,3 +143,21 @@ def test_refusals():
         from megatron_copd.models.conversion.families import model_config_from_hf
 
         model_config_from_hf({**cfg, "model_type": "qwen2_vl"}, "config.json")
+
+
+def test_export_of_tp2_pp2_checkpoint_equals_transformers(hf_setup, tmp_path):
+    """Load the import at TP=2 x PP=2 (logits vs transformers), save it there, export that
+    checkpoint, and load the export with transformers: the original model's logits."""
+    import transformers as T
+
+    from megatron_copd.models.conversion.hf_export import convert_to_hf
+
+    _, _, cases, ref, ckpt = hf_setup
+    resaved = tmp_path / "tp2pp2"
+    got = run_world(F.megatron_logits, 4, args=(2, 2, ckpt, cases[1:3], str(resaved)))[-1]
+    diffs = _max_diff(cases[1:3], ref[1:3], got, CASES[1:3])
+    assert max(diffs.values()) <= TOL, diffs
+    convert_to_hf(resaved, tmp_path / "hf", with_tokenizer=False)
+    model = T.Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()
+    for c, r in zip(cases, ref):
+        assert torch.equal(F.hf_logits(model, c), r)
