@@ -274,7 +274,7 @@ def _model(r: Report, cfg: RunConfig, gpu_memory_gb: float, layout_ok: bool) -> 
     r.row(
         "memory / GPU",
         f"~{mem.gib:.1f} GiB weights+grads+Adam ({mem.dtype}, {mem.bytes_per_param:.1f} B/param, "
-        f"{opt}) of {gpu_memory_gb:.0f} GiB; activations and the rollout KV cache come on top",
+        f"{opt}) of {gpu_memory_gb:.0f} GiB; each phase below comes on top",
     )
     if mem.gib > 0.9 * gpu_memory_gb:
         r.problems.append(
@@ -287,6 +287,25 @@ def _model(r: Report, cfg: RunConfig, gpu_memory_gb: float, layout_ok: bool) -> 
             f"memory: ~{mem.gib:.0f} GiB of {gpu_memory_gb:.0f} GiB per GPU before activations and "
             f"KV cache; consider parallel.recompute or smaller grpo.micro_batch_size"
         )
+    _phases(r, cfg, gpu_memory_gb)
+
+
+def _phases(r: Report, cfg: RunConfig, gpu_memory_gb: float) -> None:
+    """The phases on top of the resident state (``memory_model``), and the peak. Over the card
+    it is a warning for now: with today's explicit [T, T] attention masks every example config
+    at its lengths exceeds it (issue 25's mask-free layout is what makes them fit)."""
+    from megatron_copd.memory_model import GiB, fits, memory_model
+
+    model = memory_model(cfg)
+    for phase in model.phases:
+        biggest = max(phase.terms, key=lambda term: term.bytes)
+        r.row(f"  {phase.name}", f"+{phase.bytes / GiB:.1f} GiB (largest: {biggest.name}, "
+                                  f"{biggest.bytes / GiB:.1f} GiB)")
+    r.row("memory peak", f"~{model.peak / GiB:.1f} GiB per GPU in {model.peak_phase.name} of "
+                         f"{gpu_memory_gb:.0f} GiB")
+    line = fits(cfg, gpu_memory_gb)
+    if line is not None:
+        r.warnings.append(f"memory model: {line}")
 
 
 def _path_row(r: Report, key: str, path: str | None, kind: str = "any") -> None:

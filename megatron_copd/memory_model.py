@@ -1,0 +1,137 @@
+"""Per-GPU memory of a run, by phase, as the code runs today: what `copd check` prints and refuses.
+
+Resident all run: weights, gradients and optimizer state (``model_size.memory_per_gpu``). On top,
+one phase at a time on the most loaded GPU (each pipeline stage is computed, the largest kept):
+
+- training (GRPO / OPD update) of one micro-batch of ``grpo.micro_batch_size`` samples padded to
+  T = ``data.max_prompt_tokens + grpo.max_new_tokens`` tokens: the activations every layer of
+  the stage keeps for the backward (Korthikanti et al. 2022's accounting, for GQA and SwiGLU:
+  layer inputs and norms ``4 s b h`` (divided by TP under sequence parallelism), Q/K/V and the
+  attention output ``s b (a + 2 g + a) d / t``, the MLP ``3 s b f / t``; attention scores and
+  their softmax ``2 b a s^2 / t`` unless recompute drops them), the explicit ``[b, 1, T, T]`` mask
+  and the last stage's fp32 logits and their gradient ``2 x 4 b T V / t``;
+- rollout: the KV cache ``B x (P + R) x layers x 2 x g / t x d`` for B = ``grpo.rollout_batch_size``
+  rows (whole prompt groups) of P prompt and R response tokens, and the prefill's ``[B, 1, P, P]``
+  mask and one layer's scores;
+- scoring (teacher log-probs, evaluation): one micro-batch forward without stored activations,
+  one layer's scores, the mask and the logits.
+
+Activations use the training dtype (bf16 by default with CUDA); the vision tower's activations
+are not counted (small next to the decoder's at these lengths). The model is validated against
+measured CPU peaks only where docs/GPU.md says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_copd.config import RunConfig
+from megatron_copd.model_size import memory_per_gpu, params_per_gpu
+
+GiB = float(2**30)
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    bytes: float
+    setting: str
+    """The config key(s) that size this term (what to change when it does not fit)."""
+
+
+@dataclass
+class Phase:
+    name: str
+    terms: list[Term] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> float:
+        return sum(t.bytes for t in self.terms)
+
+
+@dataclass
+class MemoryModel:
+    resident: float
+    """Weights, gradients and optimizer state on the most loaded GPU."""
+    phases: list[Phase]
+    kv_bytes_per_row: float = 0.0
+    """The rollout KV cache of one row (prompt + response tokens) on this GPU."""
+
+    @property
+    def peak_phase(self) -> Phase:
+        return max(self.phases, key=lambda p: p.bytes)
+
+    @property
+    def peak(self) -> float:
+        return self.resident + self.peak_phase.bytes
+
+
+def memory_model(cfg: RunConfig, assume_cuda: bool = True) -> MemoryModel:
+    m, p, g = cfg.model, cfg.parallel, cfg.grpo
+    dtype = cfg.precision.dtype or ("bf16" if assume_cuda else "fp32")
+    act = 4.0 if dtype == "fp32" else 2.0
+    t, stages = p.tp, p.pp
+    layers = m.num_layers // stages
+    h, a, kv, d, f, v = (m.hidden_size, m.num_attention_heads, m.num_query_groups, m.head_dim,
+                         m.ffn_hidden_size, m.vocab_size)
+    prompt, response = cfg.data.max_prompt_tokens, g.max_new_tokens
+    seq = min(prompt + response, m.max_sequence_length)
+    b = g.micro_batch_size
+    lengths = "data.max_prompt_tokens + grpo.max_new_tokens"
+
+    def scores(rows: int, s: int) -> float:  # one layer's scores and softmax
+        return 2 * rows * (a / t) * s * s * act
+
+    def logits(rows: int, s: int) -> float:  # fp32 logits and their softmax / gradient
+        return 2 * rows * s * (v / t) * 4.0
+
+    norm_inputs = 4 * seq * b * h / (t if p.sequence_parallel else 1)
+    per_layer = (norm_inputs + seq * b * (a + 2 * kv + a) * d / t + 3 * seq * b * f / t) * act
+    if p.recompute == "full":
+        kept = layers * seq * b * h * act + per_layer + scores(b, seq)
+        attention = 0.0
+    else:
+        kept = layers * per_layer
+        attention = 0.0 if p.recompute == "selective" else layers * scores(b, seq)
+    train = Phase("training", [
+        Term(f"activations of {layers} layers, [{b} x {seq}] tokens", kept,
+             f"grpo.micro_batch_size, {lengths}, parallel.recompute"),
+        Term(f"attention scores [{b}, {a // t}, T, T] x {layers} layers", attention,
+             f"grpo.micro_batch_size, {lengths}, parallel.recompute"),
+        Term(f"attention mask [{b}, 1, {seq}, {seq}]", b * seq * seq, lengths),
+        Term("fp32 logits and their gradient", logits(b, seq), "grpo.micro_batch_size"),
+    ])
+    rows = max(1, g.rollout_batch_size // g.group_size) * g.group_size
+    kv_row = (prompt + response) * layers * 2 * (kv / t) * d * act
+    rollout = Phase("rollout", [
+        Term(f"KV cache, {rows} rows x {prompt + response} tokens", rows * kv_row,
+             "grpo.rollout_batch_size"),
+        Term(f"prefill mask and one layer's scores [{rows}, P, P]",
+             rows * prompt * prompt + scores(rows, prompt), "grpo.rollout_batch_size"),
+    ])
+    scoring = Phase("scoring", [
+        Term("one layer's attention scores", scores(b, seq), f"grpo.micro_batch_size, {lengths}"),
+        Term(f"attention mask [{b}, 1, {seq}, {seq}]", b * seq * seq, lengths),
+        Term("fp32 logits", logits(b, seq), "grpo.micro_batch_size"),
+    ])
+    per_param = memory_per_gpu(cfg, assume_cuda).bytes_per_param
+    return MemoryModel(max(params_per_gpu(cfg)) * per_param, [train, rollout, scoring], kv_row)
+
+
+def fits(cfg: RunConfig, gpu_memory_gb: float, assume_cuda: bool = True) -> str | None:
+    """None when the peak fits the card, else one line naming the setting to change."""
+    model = memory_model(cfg, assume_cuda)
+    card = gpu_memory_gb * GiB
+    if model.peak <= card:
+        return None
+    phase = model.peak_phase
+    worst = max(phase.terms, key=lambda term: term.bytes)
+    line = (f"{worst.setting.split(',')[0]}: the {phase.name} phase needs "
+            f"~{model.peak / GiB:.0f} GiB per GPU ({worst.name}: {worst.bytes / GiB:.0f} GiB) of "
+            f"{gpu_memory_gb:.0f} GiB")
+    if worst.name.startswith("KV cache"):
+        room = card - model.resident - (phase.bytes - worst.bytes)
+        line += f"; at most {max(0, int(room // model.kv_bytes_per_row))} rows fit"
+    else:
+        line += f"; change {worst.setting}"
+    return line
