@@ -2,7 +2,7 @@
 """HF <-> torch_dist conversion time for a ~1 GB checkpoint, next to the time to simply read and
 write the same bytes on the same disk (the physical limit), and the converters' peak memory.
 
-    python benchmarks/convert.py [--gb 1.0] [--dtype fp32|bf16] [--family qwen3|qwen3_vl]
+    python benchmarks/convert.py [--gb 1.0] [--dtype fp32|bf16] [--family qwen3|qwen3_vl|qwen2_5_vl]
                                  [--workdir DIR] [--repeat 2]
 
 A Qwen3-shaped model (QK-norm, GQA, untied head; ``--family qwen3_vl``: plus a Qwen3-VL vision
@@ -103,16 +103,21 @@ def make_hf_checkpoint(path: Path, target_bytes: float, dtype,
     from megatron_copd.models.conversion.hf_config import SpecialTokens
 
     hidden, ffn, vocab, heads, groups = 1024, 3072, 32768, 16, 8
-    vision = None
+    vision, decoder = None, "qwen3"
     if family == "qwen3_vl":
         vision = QwenVLConfig(depth=4, hidden_size=1024, num_heads=16, intermediate_size=4096,
                               num_position_embeddings=2304, deepstack_visual_indexes=[1, 3],
                               mrope_section=[8, 12, 12])
+    elif family == "qwen2_5_vl":  # Qwen2.5-VL-7B's tower width, 4 layers; a Qwen2 decoder
+        vision = QwenVLConfig(version="qwen2_5_vl", depth=4, hidden_size=1280, num_heads=16,
+                              intermediate_size=3420, patch_size=14, fullatt_block_indexes=[3],
+                              mrope_section=[8, 12, 12], mrope_interleaved=False)
+        decoder = "qwen2"
     per_layer = hidden * (heads + 2 * groups) * 64 + hidden * heads * 64 + 3 * hidden * ffn
     budget = target_bytes / dtype.itemsize - 2 * vocab * hidden
     budget -= qwen_vl_params(vision, hidden) if vision else 0
     layers = max(1, round(budget / per_layer))
-    model = ModelConfig(family="qwen3", vocab_size=vocab, hidden_size=hidden, num_layers=layers,
+    model = ModelConfig(family=decoder, vocab_size=vocab, hidden_size=hidden, num_layers=layers,
                         num_attention_heads=heads, num_query_groups=groups, kv_channels=64,
                         ffn_hidden_size=ffn, tie_embeddings=False, qwen_vl=vision)
     path.mkdir(parents=True)
@@ -172,7 +177,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, default=1.0)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--family", choices=["qwen3", "qwen3_vl"], default="qwen3")
+    ap.add_argument("--family", choices=["qwen3", "qwen3_vl", "qwen2_5_vl"], default="qwen3")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--workers", type=int, default=4)

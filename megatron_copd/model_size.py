@@ -38,6 +38,7 @@ def decoder_layer_params(m: ModelConfig) -> int:
     h, hd = m.hidden_size, m.head_dim
     q, kv = m.num_attention_heads * hd, m.num_query_groups * hd
     attention = h * q + 2 * h * kv + q * h + (2 * hd if m.use_qk_norm else 0)
+    attention += (q + 2 * kv) if m.qkv_bias else 0  # Qwen2
     mlp = 3 * h * m.ffn_hidden_size  # SwiGLU: gate + up (fused fc1), down (fc2)
     norms = 2 * h
     return attention + mlp + norms
@@ -58,13 +59,18 @@ def vision_params(v: VisionConfig, lm_hidden: int) -> int:
 
 
 def qwen_vl_params(q: QwenVLConfig, lm_hidden: int) -> int:
-    """Qwen3-VL's vision tower: patch embedding, learned positions, blocks, the merger and one
-    merger per DeepStack layer."""
+    """A Qwen-VL vision tower: patch embedding, blocks, the merger; Qwen3-VL adds learned
+    positions, a patch bias and one merger per DeepStack layer. Qwen2.5-VL's blocks have
+    RMSNorms and a SwiGLU MLP with biases."""
     h, f = q.hidden_size, q.intermediate_size
-    layer = vit_layer_params(h, f)
-    stem = 3 * q.temporal_patch_size * q.patch_size**2 * h + h + q.num_position_embeddings * h
     u = q.spatial_merge_size**2 * h
     merger = u * u + u + u * lm_hidden + lm_hidden
+    patch = 3 * q.temporal_patch_size * q.patch_size**2 * h
+    if q.version != "qwen3_vl":
+        layer = (4 * h * h + 4 * h) + (3 * h * f + 2 * f + h) + 2 * h
+        return q.depth * layer + patch + merger + h
+    layer = vit_layer_params(h, f)
+    stem = patch + h + q.num_position_embeddings * h
     return (q.depth * layer + stem + merger + 2 * h
             + len(q.deepstack_visual_indexes) * (merger + 2 * u))
 

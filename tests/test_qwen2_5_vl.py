@@ -161,3 +161,13 @@ def test_export_of_tp2_pp2_checkpoint_equals_transformers(hf_setup, tmp_path):
     model = T.Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()
     for c, r in zip(cases, ref):
         assert torch.equal(F.hf_logits(model, c), r)
+
+
+def test_model_size_counts_like_transformers(hf_setup):
+    """copd check's parameter count (vision tower and the decoder's Q/K/V biases)."""
+    from megatron_copd.model_size import model_size
+
+    cfg, model, _, _, _ = hf_setup
+    size = model_size(qwen_vl_from_hf(cfg.to_dict()).model)
+    assert size.vision == sum(p.numel() for k, p in model.named_parameters() if "visual" in k)
+    assert size.total == sum(p.numel() for p in model.parameters())  # untied head counted
