@@ -7,13 +7,14 @@ from setuptools import find_packages, setup
 HERE = Path(__file__).parent
 
 HF = ["transformers>=5.0,<6", "safetensors>=0.4", "protobuf>=4"]  # protobuf: SentencePiece -> HF
-MULTIMODAL = ["pillow>=10", "megatron-energon>=7.4,<8", "av>=12"]  # av: video files
+# av: video files; torchvision: transformers' Qwen-VL video processors need it
+MULTIMODAL = ["pillow>=10", "megatron-energon>=7.4,<8", "av>=12", "torchvision"]
 # Transformer Engine is only useful on CUDA machines; it must never be installed on CPU-only
 # machines (merely importing it makes megatron-core pick TE norms that break CPU runs).
 GPU = ["transformer-engine[pytorch]>=2.0"]
 PLOT = ["matplotlib>=3.8"]  # tools/plot_metrics.py
-# av: the video-file tests run; hypothesis: the config / record fuzz test
-TEST = ["pytest>=8", "hypothesis>=6.100", "pillow>=10", "av>=12"] + PLOT + HF
+# av, torchvision: the video tests run; hypothesis: the config / record fuzz test
+TEST = ["pytest>=8", "hypothesis>=6.100", "pillow>=10", "av>=12", "torchvision"] + PLOT + HF
 
 setup(
     name="megatron-copd",

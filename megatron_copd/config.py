@@ -105,7 +105,17 @@ class QwenVLConfig:
     max_pixels: int = 16777216
     """Pixel budget per image: a larger image is refused (one line naming the record)."""
     max_frames: int = 32
-    """Frames sampled evenly from a video (padded to a multiple of temporal_patch_size)."""
+    """Most frames taken from one video (evenly spread; padded to a multiple of
+    temporal_patch_size)."""
+    video_fps: float = 2.0
+    """Frames per second sampled from a video file (transformers' video processor's ``fps``);
+    a video given as a list of frame files is taken as sampled at this rate."""
+    video_min_pixels: int = 4096
+    """Videos with fewer pixels are enlarged by the video processor (its ``size.shortest_edge``:
+    over all frames for Qwen3-VL, per frame for Qwen2.5-VL)."""
+    video_max_pixels: int = 25165824
+    """Videos with more pixels are shrunk by the video processor (its ``size.longest_edge``:
+    over all frames for Qwen3-VL, per frame for Qwen2.5-VL)."""
     window_size: int = 112
     """qwen2_5_vl: side in pixels of the square windows vision attention stays inside."""
     fullatt_block_indexes: list[int] = field(default_factory=list)
@@ -633,6 +643,9 @@ def validate_qwen_vl(m: ModelConfig, p: ParallelConfig) -> None:
     if q.min_pixels > q.max_pixels:
         raise ConfigError(f"model.qwen_vl.min_pixels: {q.min_pixels} exceeds max_pixels "
                           f"({q.max_pixels})")
+    if q.video_min_pixels > q.video_max_pixels:
+        raise ConfigError(f"model.qwen_vl.video_min_pixels: {q.video_min_pixels} exceeds "
+                          f"video_max_pixels ({q.video_max_pixels})")
 
 
 def _validate_qwen2_5_vl(m: ModelConfig, q: QwenVLConfig) -> None:

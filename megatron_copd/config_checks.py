@@ -204,6 +204,8 @@ CONSTRAINTS: dict[str, Any] = {
     "model.qwen_vl.vision_start_token_id": NONNEG, "model.qwen_vl.vision_end_token_id": NONNEG,
     "model.qwen_vl.min_pixels": ONE, "model.qwen_vl.max_pixels": ONE,
     "model.qwen_vl.max_frames": ONE, "model.qwen_vl.version": TYPED,
+    "model.qwen_vl.video_fps": POS, "model.qwen_vl.video_min_pixels": ONE,
+    "model.qwen_vl.video_max_pixels": ONE,
     "model.qwen_vl.window_size": ONE, "model.qwen_vl.fullatt_block_indexes": NONNEG,
     "model.qwen_vl.tokens_per_second": POS,
     # parallel / precision / branches

@@ -13,6 +13,10 @@ VOCAB = 300
 IMAGE, VIDEO, V_START, V_END = 290, 291, 292, 293
 PATCH_DIM = 3 * 2 * 16 * 16
 PATCH_DIM_25 = 3 * 2 * 14 * 14
+# A case's media, in QwenVisualInputs' field order (Qwen2.5-VL video cases carry the seconds per
+# temporal patch).
+MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+              "second_per_grid_ts")
 
 
 def config(deepstack=(0, 1), depth: int = 2, tie: bool = True, layers: int = 4):
@@ -119,17 +123,20 @@ def _case25(name: str, g) -> dict:
         images = [(1, 4, 4), (1, 6, 10)]
         rows = [_text(g, 2) + _media(IMAGE, images[0]) + _text(g, 3) + _media(IMAGE, images[1])
                 + _text(g, 4)]
-    elif name == "video":
-        videos = [(3, 4, 6)]
+    elif name == "video":  # 0.75 s per temporal patch: positions step 1.5 -> 0, 1, 3
+        videos, seconds = [(3, 4, 6)], [0.75]
         rows = [_text(g, 4) + _media(VIDEO, videos[0]) + _text(g, 5)]
-    elif name == "mixed":
-        images, videos = [(1, 4, 6)], [(2, 6, 4)]
+    elif name == "mixed":  # 2.5 s per temporal patch: the temporal positions run ahead
+        images, videos, seconds = [(1, 4, 6)], [(2, 6, 4)], [2.5]
         rows = [_text(g, 2) + _media(IMAGE, images[0]) + _text(g, 3),
                 _text(g, 1) + _media(VIDEO, videos[0]) + _text(g, 2),
                 _text(g, 5)]
     else:
         raise ValueError(name)
-    return _batch(rows, images, videos, g, PATCH_DIM_25)
+    batch = _batch(rows, images, videos, g, PATCH_DIM_25)
+    if videos:
+        batch["second_per_grid_ts"] = torch.tensor(seconds)
+    return batch
 
 
 def _batch(rows, images, videos, g, patch_dim: int) -> dict:
@@ -156,8 +163,7 @@ def hf_logits(model, case: dict) -> torch.Tensor:
     types = torch.zeros_like(case["ids"])
     types[case["ids"] == IMAGE] = 1
     types[case["ids"] == VIDEO] = 2
-    kw = {k: case[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
-                               "video_grid_thw") if case[k] is not None}
+    kw = {k: case[k] for k in MEDIA_KEYS if case.get(k) is not None}
     with torch.no_grad():
         out = model(input_ids=case["ids"], attention_mask=case["mask"], mm_token_type_ids=types,
                     **kw)
@@ -213,8 +219,9 @@ def megatron_logits(rank, world, tp: int, pp: int, ckpt: str, cases: list[dict],
     out = []
     for case in cases:
         ids, mask = case["ids"], case["mask"]
+        seconds = case.get("second_per_grid_ts")
         pos, _ = mrope_position_ids(ids, spec, case["image_grid_thw"], case["video_grid_thw"],
-                                    mask)
+                                    mask, None if seconds is None else seconds.tolist())
         s = ids.shape[1]
         causal = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)
         attn = (causal[None] | ~mask.bool()[:, None, :]).unsqueeze(1)
@@ -258,9 +265,10 @@ def hf_greedy(model, case: dict, row: int, n_new: int) -> list[int]:
     types = torch.zeros_like(ids)
     types[ids == IMAGE] = 1
     types[ids == VIDEO] = 2
-    kw = {k: getattr(sub, k) for k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
-                                       "video_grid_thw") if sub is not None and
+    kw = {k: getattr(sub, k) for k in MEDIA_KEYS if sub is not None and
           getattr(sub, k) is not None}
+    if "second_per_grid_ts" in kw:
+        kw["second_per_grid_ts"] = kw["second_per_grid_ts"].float()
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                              mm_token_type_ids=types, max_new_tokens=n_new, do_sample=False,
@@ -274,8 +282,7 @@ def media_of_rows(case: dict, rows: list[int]):
     from megatron_copd.models.qwen_vl.media import QwenVisualInputs
     from megatron_copd.models.qwen_vl.spec import spec_from_model
 
-    media = QwenVisualInputs(case["pixel_values"], case["image_grid_thw"],
-                             case["pixel_values_videos"], case["video_grid_thw"])
+    media = QwenVisualInputs(*(case.get(k) for k in MEDIA_KEYS))
     spec = spec_from_model(_model_config())
     seqs = [case["ids"][r][case["mask"][r].bool()].tolist() for r in range(len(case["ids"]))]
     return media.select(media.per_sequence(seqs, spec), rows)
@@ -338,7 +345,7 @@ def hf_response_logprobs(model, case: dict, row: int, response: list[int]) -> to
     sub = media_of_rows(case, [row])
     one = {"ids": ids, "mask": torch.ones_like(ids),
            **{k: None if sub is None else getattr(sub, k) for k in
-              ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")}}
+              MEDIA_KEYS}}
     logp = torch.log_softmax(hf_logits(model, one)[0], dim=-1)
     p = prompt.numel()
     return logp[p - 1:p - 1 + len(response)].gather(1, torch.tensor(response)[:, None])[:, 0]

@@ -340,16 +340,16 @@ def test_exchange_pair_with_dp2_sends_only_what_is_needed(reports):
     results = [r["x_dp2"] for r in reports]
     _check_exchange(results, [(0, 1), (1, 0)])
     for r in results:
-        # request: header (10 x int64) + int32 (prompt lengths, sample->prompt, response lengths, tokens);
+        # request: header (11 x int64) + int32 (prompt lengths, sample->prompt, response lengths, tokens);
         # reply: float32 log-probs + entropy + top-k log-probs, int16 top-k ids
         m, k = r["n_resp_tokens"], SPEC.topk
         n_prompts = 4
-        request = 10 * 8 + 4 * (n_prompts + 2 * r["n_samples"] + r["n_prompt_tokens"] + m)
+        request = 11 * 8 + 4 * (n_prompts + 2 * r["n_samples"] + r["n_prompt_tokens"] + m)
         reply = 4 * m * (2 + k) + 2 * m * k
         peer = next(
             x for x in results if x["branch"] != r["branch"] and x["dp_rank"] == r["dp_rank"]
         )
-        peer_request = 10 * 8 + 4 * (
+        peer_request = 11 * 8 + 4 * (
             n_prompts + 2 * peer["n_samples"] + peer["n_prompt_tokens"] + peer["n_resp_tokens"]
         )
         peer_reply = 4 * peer["n_resp_tokens"] * (2 + k) + 2 * peer["n_resp_tokens"] * k

@@ -77,6 +77,16 @@ def _resolve(path: str, base_dir: str | os.PathLike | None) -> Path:
 def _decode_video_file(path: Path, image_size: int | None, max_frames: int) -> list[Image.Image]:
     """Evenly sampled frames of a video file, resized to ``image_size`` squared (None: as
     they are)."""
+    frames, _, _, _ = read_video(path, lambda n, fps: sample_frame_indices(n, max_frames),
+                                 image_size)
+    return frames
+
+
+def read_video(path: Path, choose, image_size: int | None = None
+               ) -> tuple[list[Image.Image], list[int], int, float | None]:
+    """The frames ``choose(n_frames, fps)`` picks from a video file -> (frames, their indices,
+    n_frames, fps; fps None when the file does not say). Two passes (count, then convert only
+    the chosen frames), so a long video never holds more than those pictures in memory."""
     if not path.is_file():
         raise DataError(f"{path}: video file not found")
     try:
@@ -87,21 +97,23 @@ def _decode_video_file(path: Path, image_size: int | None, max_frames: int) -> l
             f"(or give the video as a list of frame images)"
         ) from None
     try:
-        # Two passes (count, then convert only the sampled frames), so a long video never
-        # holds more than max_frames pictures in memory.
         with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            fps = float(rate) if rate else None
             n = sum(1 for _ in container.decode(video=0))
         if not n:
             raise DataError(f"{path}: video has no frames")
-        keep = set(sample_frame_indices(n, max_frames))
-        frames = []
+        indices = [int(i) for i in choose(n, fps)]
+        keep = set(indices)
+        frames = {}
         with av.open(str(path)) as container:
             for i, f in enumerate(container.decode(video=0)):
                 if i in keep:
                     img = f.to_image().convert("RGB")
                     if image_size is not None:
                         img = img.resize((image_size, image_size), Image.BICUBIC)
-                    frames.append(img)
-    except (av.FFmpegError, ValueError, OSError) as e:
+                    frames[i] = img
+    except (av.FFmpegError, ValueError, OSError, IndexError) as e:
         raise DataError(f"{path}: cannot decode video: {e}") from None
-    return frames
+    return [frames[i] for i in indices], indices, n, fps

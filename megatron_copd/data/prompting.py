@@ -201,16 +201,11 @@ def encode_prompt(
 def _encode_qwen_vl(record, parts, images, video, tokenizer: Tokenizer, q: QwenVLConfig,
                     max_prompt_tokens: int, base_dir, fail) -> EncodedPrompt:
     pics = qwen_processing.encode_images([media._resolve(p, base_dir) for p in images], q, fail)
+    times = None
     if video:
-        if isinstance(video, str):
-            frames = _load(fail, "video", media._decode_video_file,
-                           media._resolve(video, base_dir), None, q.max_frames)
-        else:
-            idx = media.sample_frame_indices(len(video), q.max_frames)
-            frames = [qwen_processing.open_image(media._resolve(video[i], base_dir),
-                                                 f"video[{i}]", q, fail) for i in idx]
-        clip = qwen_processing.encode_video(frames, q, fail)
+        clip, times = qwen_processing.encode_video(_qwen_clip(video, q, base_dir, fail), q, fail)
         pics = clip if pics is None else QwenVisualInputs.cat([pics, clip])
+        times = [times]
     media_ids = {q.image_token_id, q.video_token_id, q.vision_start_token_id,
                  q.vision_end_token_id}
 
@@ -221,12 +216,28 @@ def _encode_qwen_vl(record, parts, images, video, tokenizer: Tokenizer, q: QwenV
                        f"{IMAGE_PLACEHOLDER}")
         return ids
 
-    ids = qwen_processing.prompt_ids(parts, pics, q, encode, tokenizer.bos_id)
+    ids = qwen_processing.prompt_ids(parts, pics, q, encode, tokenizer.bos_id, times)
     if len(ids) > max_prompt_tokens:
         n_visual = sum(1 for t in ids if t == q.image_token_id)
         raise fail(f"prompt: {len(ids)} tokens (incl. {n_visual} image tokens) exceed "
                    f"max_prompt_tokens={max_prompt_tokens}")
     return EncodedPrompt(token_ids=ids, pixels=pics, record=record)
+
+
+def _qwen_clip(video, q: QwenVLConfig, base_dir, fail) -> qwen_processing.Clip:
+    """A record's video as the frames the video processor's sampling picks: from a file at
+    its own frame rate, from a frame list taken as sampled at ``model.qwen_vl.video_fps``."""
+    if isinstance(video, str):
+        def choose(n, fps):
+            return qwen_processing.sample_indices(n, fps or q.video_fps, q)
+
+        frames, idx, total, fps = _load(fail, "video", media.read_video,
+                                        media._resolve(video, base_dir), choose)
+        return qwen_processing.Clip(frames, idx, total, fps or q.video_fps)
+    idx = qwen_processing.sample_indices(len(video), q.video_fps, q)
+    frames = [qwen_processing.open_image(media._resolve(video[i], base_dir), f"video[{i}]", q,
+                                         fail) for i in idx]
+    return qwen_processing.Clip(frames, idx, len(video), q.video_fps)
 
 
 def _load(fail, field: str, fn, *args):

@@ -49,8 +49,9 @@ from megatron_copd.runtime.branches import BranchGroups
 from megatron_copd.runtime.distributed import batch_p2p
 
 # n_prompts, n_samples, n_prompt_tokens, n_response_tokens, n_images (or patch rows), H (or
-# patch_dim), W (0: patch rows), dtype, n_image_grids, n_video_grids
-_HEADER = 10
+# patch_dim), W (0: patch rows), dtype, n_image_grids, n_video_grids, 1 if the videos' seconds
+# per temporal patch follow the grids (float32 bits)
+_HEADER = 11
 _PIXEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)
 _WARM_GROUPS: set[int] = set()
 TEACHER_SPEC = ScoreSpec(topk=10, entropy=False)
@@ -160,11 +161,15 @@ class _Request:
                 resp.to(torch.int32),
             ]
         )
-        pix, grids = ro.pixels, (0, 0)
+        pix, grids = ro.pixels, (0, 0, 0)
         if isinstance(pix, QwenVisualInputs):
             image_g, video_g = pix.image_grid_thw, pix.video_grid_thw
-            grids = (0 if image_g is None else len(image_g), 0 if video_g is None else len(video_g))
+            seconds = pix.second_per_grid_ts if video_g is not None else None
+            grids = (0 if image_g is None else len(image_g), 0 if video_g is None else len(video_g),
+                     int(seconds is not None))
             flat = [g.reshape(-1) for g in (image_g, video_g) if g is not None]
+            if seconds is not None:
+                flat.append(seconds.to(device=device, dtype=torch.float32).view(torch.int32))
             ints = torch.cat([ints, *(g.to(device=device, dtype=torch.int32) for g in flat)])
             rows = [v for v in (pix.pixel_values, pix.pixel_values_videos) if v is not None]
             pix = torch.cat(rows) if rows else None
@@ -184,7 +189,8 @@ class _Request:
     @staticmethod
     def ints_size(header: torch.Tensor) -> int:
         n_p, n_s, n_pt, n_rt = (int(x) for x in header[:4])
-        return n_p + 2 * n_s + n_pt + n_rt + 3 * int(header[8] + header[9])
+        return (n_p + 2 * n_s + n_pt + n_rt + 3 * int(header[8] + header[9])
+                + int(header[9]) * int(header[10]))
 
     @staticmethod
     def pixel_shape(header: torch.Tensor) -> tuple[list[int], torch.dtype]:
@@ -197,14 +203,17 @@ class _Request:
         n_ig, n_vg = int(self.header[8]), int(self.header[9])
         if not n_ig and not n_vg:
             return self.pixels
-        grids = self.ints[self.ints.numel() - 3 * (n_ig + n_vg):].long().view(-1, 3)
+        n_sec = n_vg * int(self.header[10])
+        end = self.ints.numel() - n_sec
+        seconds = (self.ints[end:].contiguous().view(torch.float32).double() if n_sec else None)
+        grids = self.ints[end - 3 * (n_ig + n_vg):end].long().view(-1, 3)
         image_g, video_g = grids[:n_ig], grids[n_ig:]
         values = videos = None
         if self.pixels is not None:
             split = int(image_g.prod(-1).sum())
             values, videos = self.pixels[:split], self.pixels[split:]
         return QwenVisualInputs(values if n_ig else None, image_g if n_ig else None,
-                                videos if n_vg else None, video_g if n_vg else None)
+                                videos if n_vg else None, video_g if n_vg else None, seconds)
 
     def unpack(self) -> tuple[list[list[int]], list[int], list[list[int]]]:
         """-> unique prompts, sample -> prompt index, responses."""

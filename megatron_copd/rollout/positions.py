@@ -34,8 +34,10 @@ def position_ids(model, tokens: torch.Tensor, valid: torch.Tensor, media=None) -
 def _mrope(spec, tokens, valid, media):
     images = None if media is None else media.image_grid_thw
     videos = None if media is None else media.video_grid_thw
+    seconds = None if media is None or media.second_per_grid_ts is None else (
+        media.second_per_grid_ts.tolist())
     return mrope_position_ids(tokens.cpu(), spec, None if images is None else images.cpu(),
-                              None if videos is None else videos.cpu(), valid.cpu())
+                              None if videos is None else videos.cpu(), valid.cpu(), seconds)
 
 
 class DecodePositions:

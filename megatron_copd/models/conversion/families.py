@@ -19,7 +19,7 @@ from megatron_copd.models.conversion import hf_config as generic
 from megatron_copd.models.conversion import mapping as mp
 from megatron_copd.models.qwen_vl import hf_config as qwen_vl_config
 from megatron_copd.models.qwen_vl import hf_weights as qwen_vl_weights
-from megatron_copd.models.qwen_vl.processing import processor_config
+from megatron_copd.models.qwen_vl.processing import processor_config, video_processor_config
 from megatron_copd.models.qwen_vl.spec import spec_from_model
 
 # Files of an HF model directory that describe its media processing (copied with the tokenizer).
@@ -92,6 +92,10 @@ def write_processor_files(src: Path | None, dst: Path, model: ModelConfig) -> No
     """An export's media-processing files: those imported with the tokenizer, else the image
     processor this project feeds the model with (``models.qwen_vl.processing``)."""
     copy_processor_files(src, dst)
-    if model.qwen_vl is not None and not (dst / "preprocessor_config.json").exists():
-        (dst / "preprocessor_config.json").write_text(
-            json.dumps(processor_config(model.qwen_vl), indent=2, sort_keys=True) + "\n")
+    if model.qwen_vl is None:
+        return
+    for name, cfg in (("preprocessor_config.json", processor_config),
+                      ("video_preprocessor_config.json", video_processor_config)):
+        if not (dst / name).exists():
+            (dst / name).write_text(json.dumps(cfg(model.qwen_vl), indent=2, sort_keys=True)
+                                    + "\n")

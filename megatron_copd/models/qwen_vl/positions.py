@@ -144,17 +144,18 @@ def mrope_position_ids(
                 if used[tok] >= len(queues[tok]):
                     raise ValueError(f"row {row}: more {kind} placeholders than {kind} grids given")
                 t, h, w = queues[tok][used[tok]]
-                step = 1.0
+                step = torch.tensor(1.0)
                 if tok == spec.video_token_id and not per_frame:
+                    # float32, as transformers computes it (its seconds: a float32 tensor)
                     sec = seconds[used[tok]] if seconds is not None else 1.0
-                    step = spec.tokens_per_second * sec
+                    step = torch.tensor(sec, dtype=torch.float32) * spec.tokens_per_second
                 used[tok] += 1
                 hh, ww = h // merge, w // merge
                 n = t * hh * ww
                 if ids[i:i + n] != [tok] * n:
                     raise ValueError(f"row {row}: the {kind} at token {i} needs {n} placeholder "
                                      f"tokens for grid {(t, h, w)}")
-                frames = (torch.arange(t, dtype=torch.float64) * step).long()
+                frames = (torch.arange(t) * step).long()
                 p[0, i:i + n] = cur + frames.repeat_interleave(hh * ww)
                 p[1, i:i + n] = cur + torch.arange(hh).repeat_interleave(ww).repeat(t)
                 p[2, i:i + n] = cur + torch.arange(ww).repeat(t * hh)
