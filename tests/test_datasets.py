@@ -222,6 +222,64 @@ def test_mmfinereason_lettered_options_repeated_ids_and_bad_rows(tmp_path):
     _options_once(a.prompt, ["a cat", "a dog"])
 
 
+def test_mmfinereason_sft_123k_parquet(tmp_path):
+    """MMFineReason-SFT-123K as published (its parquet columns: question with <image>,
+    original_answer, image as {bytes, path}, source, pass_rate, is_consistent, the teacher's
+    thinking response; no id column): the gold answer is original_answer's last <answer>
+    block, the <think> trace dropped; rows whose answer is untagged prose are skipped and
+    counted, not written with a reward that can never be 1."""
+    png = {"bytes": _png(), "path": None}
+    rows = [{"question": "<image>What is the area?", "source": "MMR1", "pass_rate": 0.25,
+             "original_answer": "<think>3 by 3 so x = 9.</think>\n<answer>9</answer>",
+             "image": png, "is_consistent": True, "qwen3vl_235b_thinking_response": "..."},
+            {"question": "<image>Which shape is shaded?\nA. circle\nB. square", "pass_rate": 0.5,
+             "original_answer": "<think>t</think><answer>B</answer>", "image": png,
+             "source": "GameQA-140K", "is_consistent": True,
+             "qwen3vl_235b_thinking_response": "..."},
+            {"question": "<image>Find the area.", "source": "BMMR", "pass_rate": 0.75,
+             "original_answer": "The perimeter is 48, so each side is 11.15 and therefore the "
+                                "area of the square is about 124.3 square units.",
+             "image": png, "is_consistent": False, "qwen3vl_235b_thinking_response": "..."}]
+    out = tmp_path / "mmfr.jsonl"
+    report = convert_image_qa(_parquet(tmp_path / "train-00000-of-00003.parquet", rows), out)
+    assert report.written == 2
+    assert report.skips.lines() == [
+        "skipped 1 row(s) whose answer is prose, not a short answer a verifier can check: row index 2"]
+    area, shape = load_records(out)
+    assert area.answer == "9" and area.reward == "math" and len(area.images) == 1
+    assert area.prompt.count("<image>") == 1 and "<think>" not in area.prompt
+    _right_and_wrong(area, "<answer>\\boxed{9}</answer>", "\\boxed{8}")
+    assert Image.open(tmp_path / area.images[0]).size == (8, 6)
+    assert shape.answer == "B"
+    _right_and_wrong(shape, "\\boxed{B}", "\\boxed{A}")
+
+
+def test_videochat_r1_task_files(tmp_path):
+    """VideoChat-R1's task files (JSON arrays; video relative to the task's visual base):
+    multiple-choice rows with a span 'glue' become choice records; tracking rows (no question,
+    boxes) and temporal-grounding rows (a [start, end] answer scored by IoU) are skipped and
+    counted instead of getting a verifier that reads one number of the span."""
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "v1.mp4").write_bytes(MP4)
+    rows = [{"video": "clips/v1.mp4", "question": "What happens first?",
+             "options": ["A. he sits", "B. he runs"], "answer": "B", "glue": [1.5, 4.0]},
+            {"video": "clips/v1.mp4", "question": "When does he run?", "answer": [1.5, 4.0],
+             "duration": 12.0},
+            {"path": "GOT-10k/train/GOT-10k_Train_008002", "object": "wheel",
+             "gt": [[0.58, 0.5, 0.64, 0.6]]}]
+    out = tmp_path / "vc.jsonl"
+    report = convert_video_qa(_json(tmp_path / "mc_train.json", rows), out)
+    assert report.written == 1
+    assert sorted(report.skips.lines()) == [
+        "skipped 1 row(s) whose answer is a time span or box (IoU tasks: no verifier here): "
+        "item 1",
+        "skipped 1 row(s) without a question: item 2"]
+    (rec,) = load_records(out)
+    assert rec.answer == "B" and rec.reward == "choice" and rec.video.endswith("v1.mp4")
+    _options_once(rec.prompt, ["he sits", "he runs"])
+    _right_and_wrong(rec, "B", "A")
+
+
 def test_text_evals_capitalised_and_boxed(tmp_path):
     """AIME 2024 copy with Problem / Answer; MATH-500 with a boxed solution; HMMT; Minerva."""
     aime = [{"ID": "2024-I-1", "Problem": "Find n.", "Answer": 204, "Solution": "..."}]

@@ -46,7 +46,8 @@ def test_example_config(name, branches):
     assert qwen.text_config.num_hidden_layers == 36 and qwen.vision_config.out_hidden_size == 2560
     assert qwen.text_config.rope_parameters["mrope_section"] == [24, 20, 20]
     back = families.model_config_from_hf(qwen.to_dict(), "config.json").model
-    processor_only = ("min_pixels", "max_pixels", "max_frames")  # not config.json fields
+    processor_only = ("min_pixels", "max_pixels", "max_frames", "video_fps", "video_min_pixels",
+                      "video_max_pixels")  # not config.json fields
     assert back.qwen_vl == dataclasses.replace(
         q, **{k: getattr(back.qwen_vl, k) for k in processor_only})
     assert dataclasses.replace(back, qwen_vl=None, max_sequence_length=m.max_sequence_length,
@@ -80,6 +81,7 @@ def test_qwen2_5_vl_7b_example_config(branches):
     assert qwen.text_config.num_hidden_layers == 28 and qwen.vision_config.out_hidden_size == 3584
     assert qwen.vision_config.fullatt_block_indexes == [7, 15, 23, 31]
     back = families.model_config_from_hf(qwen.to_dict(), "config.json").model
-    processor_only = ("min_pixels", "max_pixels", "max_frames")
+    processor_only = ("min_pixels", "max_pixels", "max_frames", "video_fps", "video_min_pixels",
+                      "video_max_pixels")
     assert back.qwen_vl == dataclasses.replace(
         q, **{k: getattr(back.qwen_vl, k) for k in processor_only})

@@ -243,3 +243,19 @@ def test_exported_image_processor_equals_ours(tmp_path):
         ours = processing.image_processor(q)(images=[img], return_tensors="pt")
         assert torch.equal(theirs["image_grid_thw"], ours["image_grid_thw"])
         assert torch.allclose(theirs["pixel_values"], ours["pixel_values"], atol=1e-5)
+
+
+def test_video_without_torchvision_is_one_line_naming_the_record(tmp_path, monkeypatch):
+    import transformers.utils
+
+    path = _mp4(tmp_path / "clip.mp4", _frames(4), fps=2)
+    monkeypatch.setattr(transformers.utils, "is_torchvision_available", lambda: False)
+    processing._video_processor.cache_clear()
+    try:
+        with pytest.raises(DataError, match=r"^record v3: video: Qwen-VL videos go through "
+                                            r"transformers' video processor, which needs "
+                                            r"transformers and torchvision; install"):
+            encode_prompt({"id": "v3", "prompt": "<video>", "video": path}, _Tok(),
+                          _q("qwen3_vl"), 4096)
+    finally:
+        processing._video_processor.cache_clear()

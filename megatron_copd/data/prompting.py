@@ -203,6 +203,7 @@ def _encode_qwen_vl(record, parts, images, video, tokenizer: Tokenizer, q: QwenV
     pics = qwen_processing.encode_images([media._resolve(p, base_dir) for p in images], q, fail)
     times = None
     if video:
+        _load(fail, "video", qwen_processing.video_processor, q)  # torchvision there?
         clip, times = qwen_processing.encode_video(_qwen_clip(video, q, base_dir, fail), q, fail)
         pics = clip if pics is None else QwenVisualInputs.cat([pics, clip])
         times = [times]

@@ -1,7 +1,7 @@
 """What the published datasets put in their answer and option fields, made uniform.
 
-- answers: ``<answer>B</answer>`` (Video-R1, OneThinker) -> ``B``; a whole-answer ``\\boxed{x}``
-  -> ``x``;
+- answers: ``<answer>B</answer>`` (Video-R1, OneThinker) -> ``B``, a ``<think>...</think>``
+  trace before it dropped (MMFineReason); a whole-answer ``\\boxed{x}`` -> ``x``;
 - options: a list (``["a cat", "a dog"]``, or already lettered ``["A. a cat", "B. a dog"]``), a
   mapping letter -> text (nulls dropped), one string (We-Math's ``"A. 30°; B. 45°"``, lines of
   ``A. ...``) or a Python-list string (MMMU's ``"['a', 'b']"``): a list of option texts without
@@ -21,6 +21,7 @@ from megatron_copd.data.real.common import LETTERS
 from megatron_copd.errors import DataError
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S | re.I)
+_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
 _LETTERED = re.compile(r"^\s*\(?([A-J])\s*[\).:：]\s*(.*)$", re.S)
 _SPLIT = re.compile(r"(?:^|[;\n]\s*|\s{2,})(?=\(?[A-J]\s*[\).:：]\s)")
 _LETTER_ANSWER = re.compile(r"^\s*\(?([A-J])\s*(?:[\).:：]\s*.*)?$", re.S)
@@ -28,7 +29,7 @@ _LETTER_ANSWER = re.compile(r"^\s*\(?([A-J])\s*(?:[\).:：]\s*.*)?$", re.S)
 
 def clean_answer(value: Any) -> str:
     """The gold answer as text, without the wrappers sets put around it."""
-    text = str(value).strip()
+    text = _THINK.sub("", str(value)).strip()  # a reasoning trace is not the answer
     tagged = _ANSWER_TAG.findall(text)
     if tagged:
         text = tagged[-1].strip()

@@ -55,7 +55,11 @@ from megatron_copd.data.real.normalize import (
 from megatron_copd.errors import DataError
 
 QUESTION_FIELDS = ("question", "query", "prompt", "problem", "context")
-ANSWER_FIELDS = ("answer", "solution", "answers", "label", "gt_answer")
+# original_answer: MMFineReason (its teacher's "<think>...</think><answer>...</answer>")
+ANSWER_FIELDS = ("answer", "solution", "answers", "label", "gt_answer", "original_answer")
+# A free-form gold answer longer than this is prose (a worked solution), which no verifier of
+# the project can match a response against: the row is skipped and counted.
+MAX_ANSWER_WORDS = 12
 OPTION_FIELDS = ("options", "choices", "candidates", "option")
 ID_FIELDS = ("id", "question_id", "qid", "idx", "uid", "problem_id", "sample_index", "__key__")
 TYPE_FIELDS = ("question_type", "problem_type", "type")
@@ -97,6 +101,15 @@ def qa_fields(row: dict, where: str, reward: str | None, fields: dict[str, str] 
     text = clean_answer(answer)
     if not text:
         raise RowSkip(where, "without an answer", "field 'answer': empty")
+    if len(text.split()) > MAX_ANSWER_WORDS:  # a worked solution: its last \boxed{}, if any
+        from megatron_copd.rewards.builtin import last_boxed
+
+        boxed = last_boxed(text)
+        if boxed is None or not boxed.strip():
+            raise RowSkip(where, "whose answer is prose, not a short answer a verifier can "
+                          "check", f"field 'answer': {len(text.split())} words (more than "
+                          f"{MAX_ANSWER_WORDS}, no <answer> tag or \\boxed{{}})")
+        text = boxed.strip()
     verifier = reward or free_form_verifier(text)
     prompt = question if "boxed" in question else f"{question}\n\n{MATH_INSTRUCTION}"
     return prompt, text, verifier
@@ -112,6 +125,13 @@ def _conversation(turns: list, where: str) -> tuple[str, str]:
 
 
 def _one_answer(answer: Any, where: str) -> Any:
+    if hasattr(answer, "tolist") and not isinstance(answer, (str, bytes)):
+        answer = answer.tolist()
+    if (isinstance(answer, list) and answer
+            and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in answer)):
+        # VideoChat-R1's temporal grounding / detection rows: a span or box scored by IoU
+        raise RowSkip(where, "whose answer is a time span or box (IoU tasks: no verifier here)",
+                      f"field 'answer': a list of {len(answer)} numbers")
     if isinstance(answer, list):
         texts = [a.get("answer") if isinstance(a, dict) else a for a in answer]
         texts = [str(t).strip() for t in texts if t is not None and str(t).strip()]
