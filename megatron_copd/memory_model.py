@@ -7,14 +7,17 @@ one phase at a time on the most loaded GPU (each pipeline stage is computed, the
   T = ``data.max_prompt_tokens + grpo.max_new_tokens`` tokens: the activations every layer of
   the stage keeps for the backward (Korthikanti et al. 2022's accounting, for GQA and SwiGLU:
   layer inputs and norms ``4 s b h`` (divided by TP under sequence parallelism), Q/K/V and the
-  attention output ``s b (a + 2 g + a) d / t``, the MLP ``3 s b f / t``; attention scores and
-  their softmax ``2 b a s^2 / t`` unless recompute drops them), the explicit ``[b, 1, T, T]`` mask
-  and the last stage's fp32 logits and their gradient ``2 x 4 b T V / t``;
+  attention output ``s b (a + 2 g + a) d / t``, the MLP ``3 s b f / t``; the attention itself:
+  on CUDA (Transformer Engine, no mask: training rows start at column 0) a fused / flash kernel
+  keeps only its fp32 softmax statistics ``4 b a s / t``; the local (CPU) attention keeps the
+  scores and their softmax ``2 b a s^2 / t`` unless recompute drops them) and the last stage's
+  fp32 logits and their gradient ``2 x 4 b T V / t``;
 - rollout: the KV cache ``B x (P + R) x layers x 2 x g / t x d`` for B = ``grpo.rollout_batch_size``
   rows (whole prompt groups) of P prompt and R response tokens, and the prefill's ``[B, 1, P, P]``
   mask and one layer's scores;
-- scoring (teacher log-probs, evaluation): one micro-batch forward without stored activations,
-  one layer's scores, the mask and the logits.
+- scoring (teacher log-probs, evaluation): one micro-batch forward without stored activations
+  (rows start at column 0, no mask): one layer's scores on the local attention (none with a
+  fused kernel) and the logits.
 
 Activations use the training dtype (bf16 by default with CUDA); the vision tower's activations
 are not counted (small next to the decoder's at these lengths). The model is validated against
@@ -79,8 +82,13 @@ def memory_model(cfg: RunConfig, assume_cuda: bool = True) -> MemoryModel:
     b = g.micro_batch_size
     lengths = "data.max_prompt_tokens + grpo.max_new_tokens"
 
+    fused = assume_cuda  # TE's fused / flash attention: no [s, s] scores without a mask
+
     def scores(rows: int, s: int) -> float:  # one layer's scores and softmax
         return 2 * rows * (a / t) * s * s * act
+
+    def unmasked(rows: int, s: int) -> float:  # one layer's attention working set, no mask
+        return rows * (a / t) * s * 4.0 if fused else scores(rows, s)
 
     def logits(rows: int, s: int) -> float:  # fp32 logits and their softmax / gradient
         return 2 * rows * s * (v / t) * 4.0
@@ -88,17 +96,18 @@ def memory_model(cfg: RunConfig, assume_cuda: bool = True) -> MemoryModel:
     norm_inputs = 4 * seq * b * h / (t if p.sequence_parallel else 1)
     per_layer = (norm_inputs + seq * b * (a + 2 * kv + a) * d / t + 3 * seq * b * f / t) * act
     if p.recompute == "full":
-        kept = layers * seq * b * h * act + per_layer + scores(b, seq)
+        kept = layers * seq * b * h * act + per_layer + unmasked(b, seq)
         attention = 0.0
     else:
         kept = layers * per_layer
-        attention = 0.0 if p.recompute == "selective" else layers * scores(b, seq)
+        attention = 0.0 if p.recompute == "selective" and not fused else layers * unmasked(b, seq)
+    what = ("softmax statistics (fused attention)" if fused
+            else f"attention scores [{b}, {a // t}, T, T]")
     train = Phase("training", [
         Term(f"activations of {layers} layers, [{b} x {seq}] tokens", kept,
              f"grpo.micro_batch_size, {lengths}, parallel.recompute"),
-        Term(f"attention scores [{b}, {a // t}, T, T] x {layers} layers", attention,
+        Term(f"{what} x {layers} layers", attention,
              f"grpo.micro_batch_size, {lengths}, parallel.recompute"),
-        Term(f"attention mask [{b}, 1, {seq}, {seq}]", b * seq * seq, lengths),
         Term("fp32 logits and their gradient", logits(b, seq), "grpo.micro_batch_size"),
     ])
     rows = max(1, g.rollout_batch_size // g.group_size) * g.group_size
@@ -110,8 +119,7 @@ def memory_model(cfg: RunConfig, assume_cuda: bool = True) -> MemoryModel:
              rows * prompt * prompt + scores(rows, prompt), "grpo.rollout_batch_size"),
     ])
     scoring = Phase("scoring", [
-        Term("one layer's attention scores", scores(b, seq), f"grpo.micro_batch_size, {lengths}"),
-        Term(f"attention mask [{b}, 1, {seq}, {seq}]", b * seq * seq, lengths),
+        Term("one layer's attention", unmasked(b, seq), f"grpo.micro_batch_size, {lengths}"),
         Term("fp32 logits", logits(b, seq), "grpo.micro_batch_size"),
     ])
     per_param = memory_per_gpu(cfg, assume_cuda).bytes_per_param

@@ -13,9 +13,10 @@ from megatron_copd.memory_model import GiB, fits, memory_model
 PAPER = "examples/qwen3vl_4b_2branch.yaml"
 
 
-def _terms(cfg) -> dict[str, dict[str, float]]:
-    return {p.name: {t.name.split(",")[0].split(" [")[0]: t.bytes / GiB for t in p.terms}
-            for p in memory_model(cfg).phases}
+def _terms(cfg, cuda: bool = True) -> dict[str, dict[str, float]]:
+    return {p.name: {t.name.split(",")[0].split(" [")[0].split(" x ")[0]: t.bytes / GiB
+                     for t in p.terms}
+            for p in memory_model(cfg, cuda).phases}
 
 
 def test_paper_configuration_figures():
@@ -23,8 +24,12 @@ def test_paper_configuration_figures():
     terms = _terms(cfg)
     # 64 rows x 32,768 tokens x 36 layers x K,V x 4 KV heads per TP rank x 128 x bf16
     assert terms["rollout"]["KV cache"] == pytest.approx(144.0)
-    # one layer's bf16 scores and softmax at T = 32,768 with 16 heads per rank: 32 + 32 GiB
-    assert terms["scoring"]["one layer's attention scores"] == pytest.approx(64.0)
+    # the local (CPU) attention: one layer's bf16 scores and softmax at T = 32,768 with 16 heads
+    # per rank, 32 + 32 GiB; Transformer Engine's fused kernel (no mask) keeps none of it
+    assert _terms(cfg, cuda=False)["scoring"]["one layer's attention"] == pytest.approx(64.0)
+    assert terms["scoring"]["one layer's attention"] < 0.01
+    # no [T, T] mask in training or scoring: their rows start at column 0
+    assert not any("mask" in name for phase in ("training", "scoring") for name in terms[phase])
     # fp32 logits of one 32k micro-batch per TP rank (~9.3 GiB), and their gradient
     assert terms["training"]["fp32 logits and their gradient"] == pytest.approx(
         2 * 32768 * 151936 / 2 * 4 / GiB)
@@ -32,20 +37,34 @@ def test_paper_configuration_figures():
 
 
 def test_recompute_drops_the_stored_attention_and_activations():
-    base = _terms(load_config(PAPER, check_device=False))["training"]
-    sel = _terms(load_config(PAPER, ["parallel.recompute=selective"], check_device=False))
-    full = _terms(load_config(PAPER, ["parallel.recompute=full"], check_device=False))
-    assert base["attention scores"] > 1000 and sel["training"]["attention scores"] == 0
-    assert sel["training"]["activations of 36 layers"] == base["activations of 36 layers"]
+    """On the local attention (CPU) the stored scores dominate until recompute drops them; on
+    CUDA the fused kernel stores only its softmax statistics, and full recompute keeps one
+    layer input per layer."""
+    def cfg(*o):
+        return load_config(PAPER, list(o), check_device=False)
+
+    base = _terms(cfg(), cuda=False)["training"]
+    sel = _terms(cfg("parallel.recompute=selective"), cuda=False)["training"]
+    full = _terms(cfg("parallel.recompute=full"), cuda=False)["training"]
+    assert base["attention scores"] > 1000 and sel["attention scores"] == 0
+    assert sel["activations of 36 layers"] == base["activations of 36 layers"]
     # full: each layer's input only, plus one recomputed layer's working set and scores
-    assert full["training"]["attention scores"] == 0
-    assert sum(full["training"].values()) < sum(base.values()) / 10
+    assert full["attention scores"] == 0
+    assert sum(full.values()) < sum(base.values()) / 10
+    fused = _terms(cfg())["training"]
+    assert fused["softmax statistics (fused attention)"] < 0.1
+    fused_full = _terms(cfg("parallel.recompute=full"))["training"]
+    # 36 layer inputs of [32768, 2560] bf16 = 5.6 GiB, plus one layer's working set
+    assert 5.6 < fused_full["activations of 36 layers"] < 8
 
 
 def test_over_budget_names_the_setting():
     cfg = load_config(PAPER, check_device=False)
+    # the local attention's stored scores; with Transformer Engine the rollout's prefill
+    line = fits(cfg, 80, assume_cuda=False)
+    assert line.startswith("grpo.micro_batch_size: the training phase needs ~2396 GiB"), line
     line = fits(cfg, 80)
-    assert line.startswith("grpo.micro_batch_size: the training phase needs ~2397 GiB")
+    assert line.startswith("grpo.rollout_batch_size: the rollout phase needs ~1203 GiB"), line
     long = load_config(PAPER, ["data.max_prompt_tokens=512", "grpo.max_new_tokens=32000",
                                "parallel.recompute=selective"], check_device=False)
     line = fits(long, 80)
@@ -59,4 +78,4 @@ def test_copd_check_prints_the_phases_and_warns():
     text = r.text()
     for row in ("training", "rollout", "scoring", "memory peak"):
         assert row in text
-    assert any(w.startswith("memory model: grpo.micro_batch_size") for w in r.warnings)
+    assert any(w.startswith("memory model: grpo.rollout_batch_size") for w in r.warnings)

@@ -1,8 +1,9 @@
 """Loss callbacks for BranchModel.train_step (the last pipeline stage calls them).
 
-Every training micro-batch lives on the shared [b, T] grid (see docs/ARCHITECTURE.md): position
-t's logits predict ``labels[:, t]`` (= tokens[:, t + 1]); ``loss_mask[b, t]`` is 1 where that
-target is a response token. Per-position inputs (old log-probs, advantages) use the same grid.
+Every training micro-batch is a [b, T] grid of right-padded rows (``training/samples.py``):
+position t's logits predict ``labels[:, t]`` (= tokens[:, t + 1]); ``loss_mask[b, t]`` is 1 where
+that target is a response token. Per-position inputs (old log-probs, advantages) use the same
+grid.
 
 Aggregation follows the paper, (1/N) sum_i (1/|y_i|) sum_t l_it: each callback returns the sum
 over its sequences of the per-sequence token mean, and the number of (real) sequences; megatron

@@ -1,4 +1,4 @@
-"""Training samples -> fixed-shape micro-batches on the shared [b, T] layout.
+"""Training samples -> fixed-shape micro-batches of right-padded rows (no attention mask).
 
 A sample is a prompt, a response, the response's rollout log-probs (the sampling policy at
 temperature 1) and its per-token advantages (GRPO: the sequence's group-normalised reward on
@@ -53,29 +53,32 @@ def build_micro_batches(
     samples: SampleSet, micro_batch_size: int, pad_id: int, pad_to: int = 1,
     positions: Callable | None = None,
 ) -> tuple[list[dict], int]:
-    """Pack every sample at one width and cut into equal micro-batches (megatron's pipeline
-    schedule needs one shape); the last one is filled with empty rows that carry no loss.
-    ``positions(tokens, valid, media)``: the model's position ids (default: the token index
-    from each row's first real token; a Qwen-VL model's 3-D ids via
+    """Every sample at one width, cut into equal micro-batches (megatron's pipeline schedule
+    needs one shape); the last one is filled with empty rows that carry no loss.
+
+    A row is ``prompt | response | right padding``: its tokens start at column 0, so the
+    model's causal attention needs no mask (``attention_mask`` None; Transformer Engine keeps
+    its fused kernels, and no ``[T, T]`` mask is built). Response token t of row i is scored at
+    label column ``len(prompt_i) - 1 + t``. ``positions(tokens, valid, media)``: the model's
+    position ids (default: the token index; a Qwen-VL model's 3-D ids via
     ``rollout.positions.position_ids``)."""
-    packed = layout.pack(samples.prompts, samples.responses, pad_id=pad_id)
-    n, t = packed.tokens.shape
-    t = math.ceil(t / pad_to) * pad_to
+    n = len(samples)
+    lengths = [len(p) + len(r) for p, r in zip(samples.prompts, samples.responses)]
+    t = math.ceil(max(lengths, default=1) / pad_to) * pad_to
     mb = max(1, min(micro_batch_size, n))
     rows = math.ceil(n / mb) * mb
     tokens = torch.full((rows, t), pad_id, dtype=torch.long)
     valid = torch.zeros(rows, t, dtype=torch.bool)
-    tokens[:n, : packed.width] = packed.tokens
-    valid[:n, : packed.width] = packed.valid
     loss_mask = torch.zeros(rows, t, dtype=torch.bool)
-    loss_mask[:n, : packed.width] = packed.loss_mask
     old_logp = torch.zeros(rows, t)
     adv = torch.zeros(rows, t)
-    start = packed.prompt_width - 1  # label column of response token 0
-    for i in range(n):
-        k = len(samples.responses[i])
-        old_logp[i, start : start + k] = samples.old_logp[i]
-        adv[i, start : start + k] = samples.advantages[i]
+    for i, (prompt, response) in enumerate(zip(samples.prompts, samples.responses)):
+        p, k = len(prompt), len(response)
+        tokens[i, : p + k] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
+        valid[i, : p + k] = True
+        loss_mask[i, p - 1 : p - 1 + k] = True
+        old_logp[i, p - 1 : p - 1 + k] = samples.old_logp[i]
+        adv[i, p - 1 : p - 1 + k] = samples.advantages[i]
     labels = torch.cat([tokens[:, 1:], tokens[:, -1:]], dim=1)
     out = []
     for b in range(rows // mb):
@@ -87,7 +90,7 @@ def build_micro_batches(
             "labels": labels[sl],
             "position_ids": (layout.position_ids(v) if positions is None
                              else positions(tokens[sl], v, media)),
-            "attention_mask": layout.attention_mask(v),
+            "attention_mask": None,
             "loss_mask": loss_mask[sl].float(),
             "old_logp": old_logp[sl],
             "advantages": adv[sl],
