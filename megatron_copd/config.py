@@ -312,7 +312,11 @@ class GRPOConfig:
     reward_timeout_s: float = 5.0
     """Per-item time limit of a verifier; a timeout gives reward 0 and is counted."""
     micro_batch_size: int = 16
-    """Sequences per forward/backward micro-batch."""
+    """Sequences per forward/backward micro-batch (when ``max_tokens_per_micro_batch`` is 0)."""
+    max_tokens_per_micro_batch: int = 0
+    """> 0: training micro-batches by a token budget instead: samples sorted by length, each
+    micro-batch as many rows as fit ``rows x its longest row <= budget`` (a longer sample gets
+    one of its own), shapes varying between micro-batches; the gradient is the same."""
     rollout_batch_size: int = 64
     """Sequences generated together (KV-cache batch)."""
 

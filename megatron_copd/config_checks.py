@@ -233,6 +233,7 @@ CONSTRAINTS: dict[str, Any] = {
     "grpo.max_new_tokens": ONE, "grpo.eps_low": Bound(lo=0, hi=1, hi_open=True),
     "grpo.eps_high": NONNEG, "grpo.kl_coef": NONNEG, "grpo.adv_eps": POS,
     "grpo.reward_workers": NONNEG, "grpo.reward_timeout_s": POS, "grpo.micro_batch_size": ONE,
+    "grpo.max_tokens_per_micro_batch": NONNEG,
     "grpo.rollout_batch_size": ONE, "grpo.filter_zero_variance": TYPED,
     "grpo.default_verifier": Text("verifier", choices=_verifiers),
     "opd.prompts_per_step": ONE, "opd.samples_per_prompt": ONE, "opd.topk": ONE,

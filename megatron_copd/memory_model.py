@@ -4,7 +4,8 @@ Resident all run: weights, gradients and optimizer state (``model_size.memory_pe
 one phase at a time on the most loaded GPU (each pipeline stage is computed, the largest kept):
 
 - training (GRPO / OPD update) of one micro-batch of ``grpo.micro_batch_size`` samples padded to
-  T = ``data.max_prompt_tokens + grpo.max_new_tokens`` tokens: the activations every layer of
+  T = ``data.max_prompt_tokens + grpo.max_new_tokens`` tokens (with
+  ``grpo.max_tokens_per_micro_batch``: that many tokens, or one row of T if more): the activations every layer of
   the stage keeps for the backward (Korthikanti et al. 2022's accounting, for GQA and SwiGLU:
   layer inputs and norms ``4 s b h`` (divided by TP under sequence parallelism), Q/K/V and the
   attention output ``s b (a + 2 g + a) d / t``, the MLP ``3 s b f / t``; the attention itself:
@@ -79,7 +80,11 @@ def memory_model(cfg: RunConfig, assume_cuda: bool = True) -> MemoryModel:
                          m.ffn_hidden_size, m.vocab_size)
     prompt, response = cfg.data.max_prompt_tokens, g.max_new_tokens
     seq = min(prompt + response, m.max_sequence_length)
-    b = g.micro_batch_size
+    budget = g.max_tokens_per_micro_batch
+    # A token-budget micro-batch holds at most max(budget, one longest row) tokens.
+    b = max(budget, seq) / seq if budget else g.micro_batch_size
+    rows_name = f"{max(budget, seq)}" if budget else f"{b} x {seq}"
+    mb_key = "grpo.max_tokens_per_micro_batch" if budget else "grpo.micro_batch_size"
     lengths = "data.max_prompt_tokens + grpo.max_new_tokens"
 
     fused = assume_cuda  # TE's fused / flash attention: no [s, s] scores without a mask
@@ -102,13 +107,13 @@ def memory_model(cfg: RunConfig, assume_cuda: bool = True) -> MemoryModel:
         kept = layers * per_layer
         attention = 0.0 if p.recompute == "selective" and not fused else layers * unmasked(b, seq)
     what = ("softmax statistics (fused attention)" if fused
-            else f"attention scores [{b}, {a // t}, T, T]")
+            else f"attention scores [{b:g}, {a // t}, T, T]")
     train = Phase("training", [
-        Term(f"activations of {layers} layers, [{b} x {seq}] tokens", kept,
-             f"grpo.micro_batch_size, {lengths}, parallel.recompute"),
+        Term(f"activations of {layers} layers, [{rows_name}] tokens", kept,
+             f"{mb_key}, {lengths}, parallel.recompute"),
         Term(f"{what} x {layers} layers", attention,
-             f"grpo.micro_batch_size, {lengths}, parallel.recompute"),
-        Term("fp32 logits and their gradient", logits(b, seq), "grpo.micro_batch_size"),
+             f"{mb_key}, {lengths}, parallel.recompute"),
+        Term("fp32 logits and their gradient", logits(b, seq), mb_key),
     ])
     rows = max(1, g.rollout_batch_size // g.group_size) * g.group_size
     kv_row = (prompt + response) * layers * 2 * (kv / t) * d * act
@@ -119,8 +124,8 @@ def memory_model(cfg: RunConfig, assume_cuda: bool = True) -> MemoryModel:
              rows * prompt * prompt + scores(rows, prompt), "grpo.rollout_batch_size"),
     ])
     scoring = Phase("scoring", [
-        Term("one layer's attention", unmasked(b, seq), f"grpo.micro_batch_size, {lengths}"),
-        Term("fp32 logits", logits(b, seq), "grpo.micro_batch_size"),
+        Term("one layer's attention", unmasked(b, seq), f"{mb_key}, {lengths}"),
+        Term("fp32 logits", logits(b, seq), mb_key),
     ])
     per_param = memory_per_gpu(cfg, assume_cuda).bytes_per_param
     return MemoryModel(max(params_per_gpu(cfg)) * per_param, [train, rollout, scoring], kv_row)

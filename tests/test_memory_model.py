@@ -79,3 +79,21 @@ def test_copd_check_prints_the_phases_and_warns():
     for row in ("training", "rollout", "scoring", "memory peak"):
         assert row in text
     assert any(w.startswith("memory model: grpo.rollout_batch_size") for w in r.warnings)
+
+
+def test_token_budget_sizes_the_training_micro_batch():
+    """A 65,536-token budget holds two 32k rows: twice one row's activations and logits; a
+    budget below one row still holds that row."""
+    def training(*o):
+        return _terms(load_config(PAPER, list(o), check_device=False))["training"]
+
+    one = training("grpo.micro_batch_size=1")
+    two = training("grpo.max_tokens_per_micro_batch=65536")
+    small = training("grpo.max_tokens_per_micro_batch=4096")
+    assert two["activations of 36 layers"] == pytest.approx(2 * one["activations of 36 layers"])
+    assert two["fp32 logits and their gradient"] == pytest.approx(
+        2 * one["fp32 logits and their gradient"])
+    assert small == one
+    line = fits(load_config(PAPER, ["grpo.max_tokens_per_micro_batch=262144",
+                                    "grpo.rollout_batch_size=8"], check_device=False), 80)
+    assert line.startswith("grpo.max_tokens_per_micro_batch: the training phase needs"), line

@@ -114,3 +114,50 @@ def test_mask_free_rows_give_the_masked_layouts_loss_and_gradients(tp, pp, visio
             scale = max(float(g.abs().max()), 1e-6)
             diff = float((g - new["grads"][name]).abs().max())
             assert diff <= TOL * scale, (name, diff, scale)
+
+
+def _budget(rank, world, tp: int, pp: int, vision: bool, budget: int):
+    from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
+    from megatron_copd.runtime.megatron_state import init_megatron_state, seed_everything
+    from megatron_copd.training.branch_model import BranchModel
+    from megatron_copd.training.losses import policy_loss
+    from megatron_copd.training.samples import build_micro_batches
+
+    cfg = tiny_config(tp=tp, pp=pp, vision=vision)
+    groups = build_branch_groups(BranchLayout(("a",), tp=tp, pp=pp))
+    init_megatron_state(groups, 7)
+    seed_everything(7, groups.pgs.tp.rank())
+    branch = BranchModel(cfg, groups, image_token_id=IMAGE_TOKEN if vision else None,
+                         total_steps=10)
+    samples = _samples(vision)
+    loss = policy_loss(groups.pgs.tp, 0.2, 0.28)
+    out = {}
+    for name, kw in (("fixed", {}), ("budget", {"max_tokens": budget})):
+        branch.ddp_model.zero_grad_buffer()
+        batches, t = build_micro_batches(samples, 2, 0, **kw)
+        metrics = branch.forward_backward(batches, loss, t)
+        total = [sum(m["loss"][0] for m in metrics), sum(m["loss"][1] for m in metrics)]
+        out[name] = {"loss": total if metrics else None, "grads": _grads(branch),
+                     "shapes": [tuple(b["tokens"].shape) for b in batches],
+                     "rows": [int(b["loss_mask"].sum()) for b in batches]}
+    assert branch.config.variable_seq_lengths is False  # restored after the call
+    return out
+
+
+@pytest.mark.parametrize("tp,pp,vision", [(1, 1, True), (1, 2, False)], ids=["tp1-images", "pp2"])
+def test_token_budget_micro_batches_give_the_same_gradient(tp, pp, vision):
+    """Samples sorted by length and grouped by a 48-token budget: micro-batches of different
+    row counts and widths (through the pipeline at PP=2), the same loss and gradients as fixed
+    micro-batches of 2 rows, every response token scored once."""
+    budget = 48
+    for r in run_world(_budget, tp * pp, args=(tp, pp, vision, budget)):
+        fixed, tok = r["fixed"], r["budget"]
+        assert len(set(tok["shapes"])) > 1 and len({s[0] for s in tok["shapes"]}) > 1
+        assert all(rows * width <= budget or rows == 1 for rows, width in tok["shapes"])
+        assert sum(tok["rows"]) == sum(fixed["rows"])
+        if fixed["loss"] is not None:
+            assert tok["loss"][1] == fixed["loss"][1]
+            assert abs(tok["loss"][0] - fixed["loss"][0]) <= 1e-6 * max(1.0, abs(fixed["loss"][0]))
+        for name, g in fixed["grads"].items():
+            diff = float((g - tok["grads"][name]).abs().max())
+            assert diff <= 1e-6 * max(float(g.abs().max()), 1e-6), (name, diff)

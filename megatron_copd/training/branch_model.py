@@ -127,13 +127,18 @@ class BranchModel:
         """Run megatron's schedule over ``micro_batches`` (all [mbs, seq_length]).
 
         Each micro-batch dict holds at least tokens, position_ids, attention_mask and optionally
-        pixels; ``loss_fn`` sees the last stage's output (logits [b, s, v/tp]) and the batch.
+        pixels (shapes may differ between micro-batches: token-budget batching); ``loss_fn`` sees the last stage's output (logits [b, s, v/tp]) and the batch.
         Returns the per-micro-batch metric dicts (last pipeline stage only; [] elsewhere).
         """
         if not micro_batches:
             return []
         mbs = micro_batches[0]["tokens"].shape[0]
         it = iter(micro_batches)
+        # Token-budget micro-batches differ in shape: the pipeline then sends each activation's
+        # shape ahead of it (megatron's variable_seq_lengths).
+        varying = len({tuple(b["tokens"].shape) for b in micro_batches}) > 1
+        before = self.config.variable_seq_lengths
+        self.config.variable_seq_lengths = before or varying
 
         def forward_step(data_iterator: Iterable, model):
             batch = next(data_iterator)
@@ -145,17 +150,20 @@ class BranchModel:
             )
             return output, partial(_call_loss, loss_fn, batch)
 
-        return self._fwd_bwd(
-            forward_step_func=forward_step,
-            data_iterator=it,
-            model=self.chunks,
-            num_microbatches=len(micro_batches),
-            seq_length=seq_length,
-            micro_batch_size=mbs,
-            forward_only=forward_only,
-            p2p_communicator=self.p2p,
-            pg_collection=self.groups.pgs,
-        )
+        try:
+            return self._fwd_bwd(
+                forward_step_func=forward_step,
+                data_iterator=it,
+                model=self.chunks,
+                num_microbatches=len(micro_batches),
+                seq_length=seq_length,
+                micro_batch_size=mbs,
+                forward_only=forward_only,
+                p2p_communicator=self.p2p,
+                pg_collection=self.groups.pgs,
+            )
+        finally:
+            self.config.variable_seq_lengths = before
 
     def train_step(
         self, micro_batches: list[dict], loss_fn: LossFn, seq_length: int

@@ -212,6 +212,7 @@ class RLStep:
             batches, seq_len = build_micro_batches(
                 samples, g.micro_batch_size, self.pad_id, pad_to=sequence_multiple(cfg),
                 positions=partial(position_ids, self.ctx.branch.model),
+                max_tokens=g.max_tokens_per_micro_batch,
             )
             result = self.ctx.branch.train_step(batches, self.loss_fn, seq_len)
             metrics.update(result.metrics)
