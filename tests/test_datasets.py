@@ -250,8 +250,8 @@ def test_mmfinereason_sft_123k_parquet(tmp_path):
     assert area.prompt.count("<image>") == 1 and "<think>" not in area.prompt
     _right_and_wrong(area, "<answer>\\boxed{9}</answer>", "\\boxed{8}")
     assert Image.open(tmp_path / area.images[0]).size == (8, 6)
-    assert shape.answer == "B"
-    _right_and_wrong(shape, "\\boxed{B}", "\\boxed{A}")
+    assert shape.answer == "B" and shape.reward == "choice"  # options inside the question
+    _right_and_wrong(shape, "B", "A")
 
 
 def test_videochat_r1_task_files(tmp_path):

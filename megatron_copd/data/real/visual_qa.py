@@ -67,6 +67,7 @@ IMAGE_FIELDS = ("images", "decoded_image", "image", "image_path", "path")
 VIDEO_FIELDS = ("video", "videos", "video_path", "path")
 IMAGE_TAG, VIDEO_TAG = "<image>", "<video>"
 _NUMBERED_TAG = re.compile(r"<image[ _]?(\d+)>")
+_OPTION_LINE = re.compile(r"(?m)^\s*\(?[A-J][\).:]\s")
 
 
 def qa_fields(row: dict, where: str, reward: str | None, fields: dict[str, str] | None = None
@@ -96,7 +97,8 @@ def qa_fields(row: dict, where: str, reward: str | None, fields: dict[str, str] 
         lines = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
         return f"{question}\n{lines}\n{CHOICE_INSTRUCTION}", letter, "choice"
     kind = str(pick(row, TYPE_FIELDS, where, "type", required=False) or "").lower()
-    if "choice" in kind and letter_only(answer):  # options written inside the question
+    inline = len(_OPTION_LINE.findall(question)) >= 2  # lettered lines inside the question
+    if ("choice" in kind or inline) and letter_only(answer):  # options written in the question
         return f"{question}\n{CHOICE_INSTRUCTION}", letter_only(answer), "choice"
     text = clean_answer(answer)
     if not text:
