@@ -8,17 +8,21 @@ one phase at a time on the most loaded GPU (each pipeline stage is computed, the
   ``grpo.max_tokens_per_micro_batch``: that many tokens, or one row of T if more): the activations every layer of
   the stage keeps for the backward (Korthikanti et al. 2022's accounting, for GQA and SwiGLU:
   layer inputs and norms ``4 s b h`` (divided by TP under sequence parallelism), Q/K/V and the
-  attention output ``s b (a + 2 g + a) d / t``, the MLP ``3 s b f / t``; the attention itself:
-  on CUDA (Transformer Engine, no mask: training rows start at column 0) a fused / flash kernel
-  keeps only its fp32 softmax statistics ``4 b a s / t``; the local (CPU) attention keeps the
-  scores and their softmax ``2 b a s^2 / t`` unless recompute drops them) and the last stage's
-  fp32 logits and their gradient ``2 x 4 b T V / t``;
+  attention output ``s b (a + 2 g + a) d / t``, the rotated queries and keys ``s b (a + g) d / t``,
+  the MLP ``3 s b f / t`` for Transformer Engine's fused layers; megatron's local layers (CPU)
+  save more, counted with saved-tensor hooks on the layers (``benchmarks/memory.py``): ``6 s b h``
+  of layer inputs, norms and residuals, ``s b (4 a + 6 g) d / t`` of attention tensors and
+  ``5 s b f / t`` in the unfused SwiGLU MLP; the attention itself
+  runs without a mask (training rows start at column 0) in a fused kernel, Transformer Engine's
+  flash / cuDNN one on CUDA or torch's scaled_dot_product_attention on the local layers, which
+  keeps only its fp32 softmax statistics ``4 b a s / t``) and the last stage's logits: the
+  model's output (activation dtype), the loss's fp32 copy, the cross entropy's saved softmax
+  and the logits' gradient, ``(x + 12) b T V / t`` bytes for x-byte activations;
 - rollout: the KV cache ``B x (P + R) x layers x 2 x g / t x d`` for B = ``grpo.rollout_batch_size``
   rows (whole prompt groups) of P prompt and R response tokens, and the prefill's ``[B, 1, P, P]``
   mask and one layer's scores;
 - scoring (teacher log-probs, evaluation): one micro-batch forward without stored activations
-  (rows start at column 0, no mask): one layer's scores on the local attention (none with a
-  fused kernel) and the logits.
+  (rows start at column 0, no mask, the fused attention) and the logits.
 
 Activations use the training dtype (bf16 by default with CUDA); the vision tower's activations
 are not counted (small next to the decoder's at these lengths). The model is validated against
@@ -87,33 +91,35 @@ def memory_model(cfg: RunConfig, assume_cuda: bool = True) -> MemoryModel:
     mb_key = "grpo.max_tokens_per_micro_batch" if budget else "grpo.micro_batch_size"
     lengths = "data.max_prompt_tokens + grpo.max_new_tokens"
 
-    fused = assume_cuda  # TE's fused / flash attention: no [s, s] scores without a mask
-
-    def scores(rows: int, s: int) -> float:  # one layer's scores and softmax
+    def scores(rows: int, s: int) -> float:  # one layer's scores and softmax (a mask given)
         return 2 * rows * (a / t) * s * s * act
 
-    def unmasked(rows: int, s: int) -> float:  # one layer's attention working set, no mask
-        return rows * (a / t) * s * 4.0 if fused else scores(rows, s)
+    def unmasked(rows: int, s: int) -> float:  # a fused kernel's fp32 softmax statistics
+        return rows * (a / t) * s * 4.0
 
-    def logits(rows: int, s: int) -> float:  # fp32 logits and their softmax / gradient
-        return 2 * rows * s * (v / t) * 4.0
+    def logits(rows: int, s: int, backward: bool = True) -> float:
+        # the output (act bytes), the loss's fp32 copy, [the saved softmax and the gradient]
+        return rows * s * (v / t) * (act + 4.0 + (8.0 if backward else 0.0))
 
-    norm_inputs = 4 * seq * b * h / (t if p.sequence_parallel else 1)
-    per_layer = (norm_inputs + seq * b * (a + 2 * kv + a) * d / t + 3 * seq * b * f / t) * act
+    sp = t if p.sequence_parallel else 1
+    if assume_cuda:  # Transformer Engine's fused layers (Korthikanti et al.)
+        per_token = 4 * h / sp + (a + 2 * kv + a) * d / t + (a + kv) * d / t + 3 * f / t
+    else:  # megatron's local layers: what they save, counted with saved-tensor hooks
+        per_token = 6 * h / sp + (4 * a + 6 * kv) * d / t + 5 * f / t
+    per_layer = seq * b * per_token * act
     if p.recompute == "full":
         kept = layers * seq * b * h * act + per_layer + unmasked(b, seq)
         attention = 0.0
     else:
         kept = layers * per_layer
-        attention = 0.0 if p.recompute == "selective" and not fused else layers * unmasked(b, seq)
-    what = ("softmax statistics (fused attention)" if fused
-            else f"attention scores [{b:g}, {a // t}, T, T]")
+        attention = layers * unmasked(b, seq)
+    what = "softmax statistics (fused attention)"
     train = Phase("training", [
         Term(f"activations of {layers} layers, [{rows_name}] tokens", kept,
              f"{mb_key}, {lengths}, parallel.recompute"),
         Term(f"{what} x {layers} layers", attention,
              f"{mb_key}, {lengths}, parallel.recompute"),
-        Term("fp32 logits and their gradient", logits(b, seq), mb_key),
+        Term("logits, their fp32 copy, softmax and gradient", logits(b, seq), mb_key),
     ])
     rows = max(1, g.rollout_batch_size // g.group_size) * g.group_size
     kv_row = (prompt + response) * layers * 2 * (kv / t) * d * act
@@ -125,7 +131,7 @@ def memory_model(cfg: RunConfig, assume_cuda: bool = True) -> MemoryModel:
     ])
     scoring = Phase("scoring", [
         Term("one layer's attention", unmasked(b, seq), f"{mb_key}, {lengths}"),
-        Term("fp32 logits", logits(b, seq), mb_key),
+        Term("logits and their fp32 copy", logits(b, seq, backward=False), mb_key),
     ])
     per_param = memory_per_gpu(cfg, assume_cuda).bytes_per_param
     return MemoryModel(max(params_per_gpu(cfg)) * per_param, [train, rollout, scoring], kv_row)

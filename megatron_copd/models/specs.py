@@ -1,15 +1,16 @@
 """Layer specs: Transformer Engine layers on CUDA machines with TE, megatron's local layers
 otherwise (always on CPU, also when TE happens to be installed).
 
-Attention masks. Every sequence in this project carries an explicit boolean mask
-``[B, 1, T, T]`` (True = masked): causal AND key-is-a-real-token, because rollout batches are
-left-padded (``rollout.layout``); decode steps pass ``[B, 1, 1, L]`` key-padding masks. TE's
-fused/flash kernels only take causal or right-padding masks (cu_seqlens), which cannot express
-left padding, and megatron switches the decode-step mask type to ``no_mask`` (ignoring the mask).
-So the TE decoder layer uses :func:`masked_te_attention`: whenever a mask is given, TE runs the
-``arbitrary`` mask type (its unfused kernel: exact, but O(T^2) memory and no flash); with no mask
-the layer's declared type (causal) is kept and TE picks flash/cuDNN. docs/GPU.md discusses the
-cost and the padding-free layouts that would lift it.
+Attention masks. Training and scoring rows start at column 0 and pass no mask: causal
+attention is exact, the TE layer keeps its declared causal type (flash / cuDNN) and the local
+layer runs torch's SDPA (``models/sdpa_attention.py``). Rollout batches are left-padded
+(``rollout.layout``): prefill carries an explicit ``[B, 1, P, P]`` mask (True = masked) and
+decode steps ``[B, 1, 1, L]`` key-padding masks. TE's fused/flash kernels only take causal or
+right-padding masks (cu_seqlens), which cannot express left padding, and megatron switches the
+decode-step mask type to ``no_mask`` (ignoring the mask). So the TE decoder layer uses
+:func:`masked_te_attention`: whenever a mask is given, TE runs the ``arbitrary`` mask type (its
+unfused kernel: exact, but O(T^2) memory and no flash); with no mask the declared type is kept.
+docs/GPU.md discusses the cost.
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ def lm_layer_spec(qk_layernorm: bool, te: bool) -> ModuleSpec:
         spec = specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
         spec.submodules.self_attention.submodules.core_attention = masked_te_attention()
         return spec
-    return specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    from megatron_copd.models.sdpa_attention import SDPADotProductAttention
+
+    spec = specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+    return spec
 
 
 def effective_mask_type(attention_mask, declared: AttnMaskType) -> AttnMaskType:

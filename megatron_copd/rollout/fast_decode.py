@@ -84,7 +84,7 @@ def unsupported_reason(model) -> str | None:
             "pre_mlp_layernorm": not isinstance(layer.pre_mlp_layernorm, IdentityOp),
             "linear_qkv": type(att.linear_qkv) is ColumnParallelLinear,
             "linear_proj": type(att.linear_proj) is RowParallelLinear,
-            "core_attention": type(att.core_attention) is DotProductAttention,
+            "core_attention": isinstance(att.core_attention, DotProductAttention),
             "mlp": type(mlp) is MLP
             and type(mlp.linear_fc1) is ColumnParallelLinear
             and type(mlp.linear_fc2) is RowParallelLinear,
