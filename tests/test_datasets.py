@@ -296,6 +296,21 @@ def test_text_evals_capitalised_and_boxed(tmp_path):
     one, half = load_records(out)
     assert one.answer == "1" and half.answer == "\\frac{3}{2}"
     _right_and_wrong(half, "\\boxed{1.5}", "\\boxed{2}")
+    # HMMT February 2025 (MathArena parquet: problem_idx, problem, answer, problem_type)
+    hmmt = [{"problem_idx": 3, "problem": "Compute the sum.", "answer": "\\frac{9}{4}",
+             "problem_type": ["Algebra"]}]
+    out = tmp_path / "hmmt.jsonl"
+    convert_math(_parquet(tmp_path / "hmmt_feb_2025.parquet", hmmt), out)
+    (rec,) = load_records(out)
+    assert rec.answer == "\\frac{9}{4}" and rec.reward == "math"
+    _right_and_wrong(rec, "\\boxed{2.25}", "\\boxed{\\frac{9}{5}}")
+    # Minerva Math (question, answer)
+    minerva = [{"question": "Find the speed in m/s.", "answer": "7.5"}]
+    out = tmp_path / "minerva.jsonl"
+    convert_math(_json(tmp_path / "minervamath.json", minerva), out)
+    (rec,) = load_records(out)
+    assert rec.answer == "7.5" and rec.prompt.startswith("Find the speed")
+    _right_and_wrong(rec, "\\boxed{7.5}", "\\boxed{7.6}")
 
 
 def test_prepare_data_cli_flags_summary_and_strict(tmp_path):
