@@ -5,8 +5,8 @@ one phase at a time on the most loaded GPU (each pipeline stage is computed, the
 
 - training (GRPO / OPD update) of one micro-batch of ``grpo.micro_batch_size`` samples padded to
   T = ``data.max_prompt_tokens + grpo.max_new_tokens`` tokens (with
-  ``grpo.max_tokens_per_micro_batch``: that many tokens, or one row of T if more): the activations every layer of
-  the stage keeps for the backward (Korthikanti et al. 2022's accounting, for GQA and SwiGLU:
+  ``grpo.max_tokens_per_micro_batch``: that many tokens, or one row of T if more): the
+  activations every layer of the stage keeps for the backward (Korthikanti et al. 2022's accounting, for GQA and SwiGLU:
   layer inputs and norms ``4 s b h`` (divided by TP under sequence parallelism), Q/K/V and the
   attention output ``s b (a + 2 g + a) d / t``, the rotated queries and keys ``s b (a + g) d / t``,
   the MLP ``3 s b f / t`` for Transformer Engine's fused layers; megatron's local layers (CPU)
@@ -19,8 +19,10 @@ one phase at a time on the most loaded GPU (each pipeline stage is computed, the
   model's output (activation dtype), the loss's fp32 copy, the cross entropy's saved softmax
   and the logits' gradient, ``(x + 12) b T V / t`` bytes for x-byte activations;
 - rollout: the KV cache ``B x (P + R) x layers x 2 x g / t x d`` for B = ``grpo.rollout_batch_size``
-  rows (whole prompt groups) of P prompt and R response tokens, and the prefill's ``[B, 1, P, P]``
-  mask and one layer's scores;
+  rows (whole prompt groups) of P prompt and R response tokens, and the prefill of its
+  ``B / group_size`` prompts (each prompt runs once, its cache rows are copied to its samples):
+  with Transformer Engine only equal-length prompts share a KV batch, so no mask and one layer's
+  working set; on the local layers the ``[B/G, 1, P, P]`` mask and one layer's scores;
 - scoring (teacher log-probs, evaluation): one micro-batch forward without stored activations
   (rows start at column 0, no mask, the fused attention) and the logits.
 
@@ -123,11 +125,19 @@ def memory_model(cfg: RunConfig, assume_cuda: bool = True) -> MemoryModel:
     ])
     rows = max(1, g.rollout_batch_size // g.group_size) * g.group_size
     kv_row = (prompt + response) * layers * 2 * (kv / t) * d * act
+    prompts = max(1, rows // g.group_size)  # prefilled once per prompt, cache rows copied
+    if assume_cuda:  # TE: equal-length prompts per KV batch, no mask, the fused kernel
+        prefill = Term(f"prefill: one layer's working set, {prompts} prompts x P tokens",
+                       prompts * prompt * (2 * h + (a + 2 * kv) * d / t + 2 * f / t) * act,
+                       "grpo.rollout_batch_size")
+    else:  # local layers: left-padded prompts of different lengths, an explicit mask
+        prefill = Term(f"prefill mask and one layer's scores [{prompts}, P, P]",
+                       prompts * prompt * prompt + scores(prompts, prompt),
+                       "grpo.rollout_batch_size")
     rollout = Phase("rollout", [
         Term(f"KV cache, {rows} rows x {prompt + response} tokens", rows * kv_row,
              "grpo.rollout_batch_size"),
-        Term(f"prefill mask and one layer's scores [{rows}, P, P]",
-             rows * prompt * prompt + scores(rows, prompt), "grpo.rollout_batch_size"),
+        prefill,
     ])
     scoring = Phase("scoring", [
         Term("one layer's attention", unmasked(b, seq), f"{mb_key}, {lengths}"),

@@ -127,7 +127,8 @@ class BranchModel:
         """Run megatron's schedule over ``micro_batches`` (all [mbs, seq_length]).
 
         Each micro-batch dict holds at least tokens, position_ids, attention_mask and optionally
-        pixels (shapes may differ between micro-batches: token-budget batching); ``loss_fn`` sees the last stage's output (logits [b, s, v/tp]) and the batch.
+        pixels (shapes may differ between micro-batches: token-budget batching); ``loss_fn``
+        sees the last stage's output (logits [b, s, v/tp]) and the batch.
         Returns the per-micro-batch metric dicts (last pipeline stage only; [] elsewhere).
         """
         if not micro_batches:
