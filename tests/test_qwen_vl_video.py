@@ -259,3 +259,13 @@ def test_video_without_torchvision_is_one_line_naming_the_record(tmp_path, monke
                           _q("qwen3_vl"), 4096)
     finally:
         processing._video_processor.cache_clear()
+
+
+@pytest.mark.parametrize("version", ["qwen3_vl", "qwen2_5_vl"])
+def test_a_one_frame_video(tmp_path, version):
+    """One frame: kept and repeated to fill the temporal patch (the processor's own padding)."""
+    path = tmp_path / "f0.png"
+    Image.fromarray(_frames(1, 64, 64)[0]).save(path)
+    q = _q(version)
+    enc = encode_prompt({"id": "v4", "prompt": "<video> ?", "video": [str(path)]}, _Tok(), q, 4096)
+    assert enc.pixels.video_grid_thw[0, 0] == 1

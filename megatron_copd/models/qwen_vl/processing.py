@@ -214,6 +214,8 @@ def sample_indices(total: int, fps: float, q: QwenVLConfig) -> list[int]:
     own rule (``video_fps`` frames per second, at most ``max_frames``)."""
     from transformers.video_utils import VideoMetadata
 
+    if total < q.temporal_patch_size:  # too short to sample (Qwen2-VL's rule divides by 0)
+        return list(range(total))
     picked = video_processor(q).sample_frames(VideoMetadata(total_num_frames=total, fps=fps),
                                               fps=q.video_fps)
     return [int(i) for i in picked]
