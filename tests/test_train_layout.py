@@ -61,13 +61,12 @@ def _grads(branch) -> dict[str, torch.Tensor]:
     return {n: p.main_grad.detach().clone() for n, p in branch.model.named_parameters()}
 
 
-def _compare(rank, world, tp: int, pp: int, vision: bool):
-    from megatron_copd.rollout import layout
+def _branch(tp: int, pp: int, vision: bool):
+    """A tiny branch (same weights at every TP/PP size) and the GRPO loss."""
     from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
     from megatron_copd.runtime.megatron_state import init_megatron_state, seed_everything
     from megatron_copd.training.branch_model import BranchModel
     from megatron_copd.training.losses import policy_loss
-    from megatron_copd.training.samples import build_micro_batches
 
     cfg = tiny_config(tp=tp, pp=pp, vision=vision)
     groups = build_branch_groups(BranchLayout(("a",), tp=tp, pp=pp))
@@ -75,8 +74,15 @@ def _compare(rank, world, tp: int, pp: int, vision: bool):
     seed_everything(7, groups.pgs.tp.rank())
     branch = BranchModel(cfg, groups, image_token_id=IMAGE_TOKEN if vision else None,
                          total_steps=10)
+    return branch, policy_loss(groups.pgs.tp, 0.2, 0.28)
+
+
+def _compare(rank, world, tp: int, pp: int, vision: bool):
+    from megatron_copd.rollout import layout
+    from megatron_copd.training.samples import build_micro_batches
+
+    branch, loss = _branch(tp, pp, vision)
     samples = _samples(vision)
-    loss = policy_loss(groups.pgs.tp, 0.2, 0.28)
     out = {}
     for name in ("masked", "mask_free"):
         branch.ddp_model.zero_grad_buffer()
@@ -117,20 +123,10 @@ def test_mask_free_rows_give_the_masked_layouts_loss_and_gradients(tp, pp, visio
 
 
 def _budget(rank, world, tp: int, pp: int, vision: bool, budget: int):
-    from megatron_copd.runtime.branches import BranchLayout, build_branch_groups
-    from megatron_copd.runtime.megatron_state import init_megatron_state, seed_everything
-    from megatron_copd.training.branch_model import BranchModel
-    from megatron_copd.training.losses import policy_loss
     from megatron_copd.training.samples import build_micro_batches
 
-    cfg = tiny_config(tp=tp, pp=pp, vision=vision)
-    groups = build_branch_groups(BranchLayout(("a",), tp=tp, pp=pp))
-    init_megatron_state(groups, 7)
-    seed_everything(7, groups.pgs.tp.rank())
-    branch = BranchModel(cfg, groups, image_token_id=IMAGE_TOKEN if vision else None,
-                         total_steps=10)
+    branch, loss = _branch(tp, pp, vision)
     samples = _samples(vision)
-    loss = policy_loss(groups.pgs.tp, 0.2, 0.28)
     out = {}
     for name, kw in (("fixed", {}), ("budget", {"max_tokens": budget})):
         branch.ddp_model.zero_grad_buffer()
