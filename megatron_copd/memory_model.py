@@ -5,19 +5,20 @@ one phase at a time on the most loaded GPU (each pipeline stage is computed, the
 
 - training (GRPO / OPD update) of one micro-batch of ``grpo.micro_batch_size`` samples padded to
   T = ``data.max_prompt_tokens + grpo.max_new_tokens`` tokens (with
-  ``grpo.max_tokens_per_micro_batch``: that many tokens, or one row of T if more): the
-  activations every layer of the stage keeps for the backward (Korthikanti et al. 2022's accounting, for GQA and SwiGLU:
-  layer inputs and norms ``4 s b h`` (divided by TP under sequence parallelism), Q/K/V and the
-  attention output ``s b (a + 2 g + a) d / t``, the rotated queries and keys ``s b (a + g) d / t``,
-  the MLP ``3 s b f / t`` for Transformer Engine's fused layers; megatron's local layers (CPU)
-  save more, counted with saved-tensor hooks on the layers (``benchmarks/memory.py``): ``6 s b h``
-  of layer inputs, norms and residuals, ``s b (4 a + 6 g) d / t`` of attention tensors and
-  ``5 s b f / t`` in the unfused SwiGLU MLP; the attention itself
-  runs without a mask (training rows start at column 0) in a fused kernel, Transformer Engine's
-  flash / cuDNN one on CUDA or torch's scaled_dot_product_attention on the local layers, which
-  keeps only its fp32 softmax statistics ``4 b a s / t``) and the last stage's logits: the
-  model's output (activation dtype), the loss's fp32 copy, the cross entropy's saved softmax
-  and the logits' gradient, ``(x + 12) b T V / t`` bytes for x-byte activations;
+  ``grpo.max_tokens_per_micro_batch``: that many tokens, or one row of T if more):
+  - the activations every layer of the stage keeps for the backward. Transformer Engine's
+    fused layers (Korthikanti et al. 2022's accounting, for GQA and SwiGLU): layer inputs and
+    norms ``4 s b h`` (divided by TP under sequence parallelism), Q/K/V and the attention
+    output ``s b (a + 2 g + a) d / t``, the rotated queries and keys ``s b (a + g) d / t``, the
+    MLP ``3 s b f / t``. megatron's local layers (CPU) save more, counted with saved-tensor
+    hooks: ``6 s b h`` of inputs, norms and residuals, ``s b (4 a + 6 g) d / t`` of attention
+    tensors, ``5 s b f / t`` in the unfused SwiGLU MLP;
+  - the attention runs without a mask (training rows start at column 0) in a fused kernel
+    (TE's flash / cuDNN on CUDA, torch's scaled_dot_product_attention on the local layers),
+    which keeps only its fp32 softmax statistics ``4 b a s / t``;
+  - the last stage's logits: the model's output (activation dtype), the loss's fp32 copy, the
+    cross entropy's saved softmax and the logits' gradient, ``(x + 12) b T V / t`` bytes for
+    x-byte activations;
 - rollout: the KV cache ``B x (P + R) x layers x 2 x g / t x d`` for B = ``grpo.rollout_batch_size``
   rows (whole prompt groups) of P prompt and R response tokens, and the prefill of its
   ``B / group_size`` prompts (each prompt runs once, its cache rows are copied to its samples):
@@ -27,8 +28,8 @@ one phase at a time on the most loaded GPU (each pipeline stage is computed, the
   (rows start at column 0, no mask, the fused attention) and the logits.
 
 Activations use the training dtype (bf16 by default with CUDA); the vision tower's activations
-are not counted (small next to the decoder's at these lengths). The model is validated against
-measured CPU peaks only where docs/GPU.md says so.
+are not counted (small next to the decoder's at these lengths). The model is checked against
+measured CPU peaks (``benchmarks/memory.py``, figures in docs/GPU.md), not yet on GPUs.
 """
 
 from __future__ import annotations
