@@ -78,11 +78,9 @@ def video_processor(q: QwenVLConfig):
 @functools.lru_cache(maxsize=8)
 def _video_processor(version: str, patch: int, temporal: int, merge: int, min_pixels: int,
                      max_pixels: int, fps: float, max_frames: int):
-    try:
-        from transformers.utils import is_torchvision_available
-    except ImportError:
-        is_torchvision_available = None  # noqa: N806
-    if is_torchvision_available is None or not is_torchvision_available():
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available():
         raise DataError("Qwen-VL videos go through transformers' video processor, which needs "
                         f"transformers and torchvision; {MULTIMODAL_HINT}")
     if version == "qwen3_vl":
@@ -103,12 +101,8 @@ def _video_settings(version, patch, temporal, merge, min_pixels, max_pixels, fps
     # cap_pixels_per_frame false: transformers 5.x's default rule (it warns when unset)
     return {"patch_size": patch, "temporal_patch_size": temporal, "merge_size": merge,
             "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
-            "image_mean": list(mean), "image_std": list(std), "fps": _number(fps),
+            "image_mean": list(mean), "image_std": list(std), "fps": float(fps),
             "max_frames": max_frames, "cap_pixels_per_frame": False}
-
-
-def _number(x: float) -> int | float:
-    return int(x) if float(x).is_integer() else float(x)
 
 
 def processor_config(q: QwenVLConfig) -> dict:
